@@ -1,0 +1,42 @@
+//! The dispatcher's actor system, with no transport in it: an in-process
+//! task dispatcher (a supervised worker pool) that the NATS adapter wires to
+//! the network.
+//!
+//! # Layout
+//!
+//! - [`task`]: the task model and its validation.
+//! - [`event`]: task and node events, and the [`EventSink`] they leave through.
+//! - [`handler`]: the [`TaskHandler`] trait and the [`TaskContext`] it gets.
+//! - [`error`]: the protocol's error codes and [`DispatchError`].
+//! - [`record`]: task records, the error list and stats.
+//! - [`config`]: bounds and policies.
+//! - [`dispatcher`]: the [`Dispatcher`] handle, the crate's entry point.
+//! - `supervisor`, `worker`, `registry`, `metrics`: one actor each.
+//! - `queue`: the bounded priority queue.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod dispatcher;
+pub mod error;
+pub mod event;
+pub mod handler;
+pub mod record;
+pub mod task;
+pub mod time;
+
+pub use config::{ConfigError, DispatcherConfig, RestartPolicy, MAX_WORKERS};
+pub use dispatcher::{
+    CancelOutcome, Dispatcher, ListFilter, ShutdownReport, SubmitOptions, Submitted,
+};
+pub use error::{DispatchError, ErrorCode, ErrorInfo};
+pub use event::{
+    EventBody, EventSink, NodeEvent, NodeEventBody, NodeEventName, NullSink, TaskEvent,
+    TaskEventName, TaskStatus, WorkerInfo, WorkerState,
+};
+pub use handler::{handler_fn, FnHandler, Handlers, TaskContext, TaskError, TaskHandler};
+pub use record::{ErrorEntry, Stats, TaskRecord};
+pub use task::{
+    Backoff, BackoffSpec, NodeId, Priority, ResourceMode, ResourceSpec, Task, TaskDefaults,
+    TaskId, TaskKind, TaskSpec,
+};
+pub use time::Timestamp;

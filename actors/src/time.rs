@@ -1,0 +1,85 @@
+//! Timestamps as the protocol writes them: RFC 3339, UTC, milliseconds.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
+use time::OffsetDateTime;
+
+/// A point in time, written `2026-11-22T12:00:00.000Z`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(OffsetDateTime);
+
+impl Timestamp {
+    /// Now.
+    pub fn now() -> Self {
+        Self::truncated(OffsetDateTime::now_utc())
+    }
+
+    /// Keeps milliseconds only, so that a time survives its text form.
+    fn truncated(t: OffsetDateTime) -> Self {
+        let ms = t.nanosecond() / 1_000_000 * 1_000_000;
+        Self(t.replace_nanosecond(ms).unwrap_or(t))
+    }
+
+    /// Parses any RFC 3339 time.
+    pub fn parse(s: &str) -> Result<Self, time::error::Parse> {
+        OffsetDateTime::parse(s, &Rfc3339).map(|t| Self::truncated(t.to_offset(time::UtcOffset::UTC)))
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn unix_ms(&self) -> i128 {
+        self.0.unix_timestamp_nanos() / 1_000_000
+    }
+
+    /// Milliseconds from `self` to `later` (0 if `later` is earlier).
+    pub fn ms_until(&self, later: Timestamp) -> u64 {
+        (later.unix_ms() - self.unix_ms()).max(0) as u64
+    }
+
+    /// The inner time.
+    pub fn as_offset_date_time(&self) -> OffsetDateTime {
+        self.0
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let format = format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        match self.0.format(&format) {
+            Ok(s) => f.write_str(&s),
+            Err(_) => Err(fmt::Error),
+        }
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        Timestamp::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_with_milliseconds_in_utc() {
+        let t = Timestamp::parse("2026-11-22T13:00:00.123456+01:00").unwrap();
+        assert_eq!(t.to_string(), "2026-11-22T12:00:00.123Z");
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, "\"2026-11-22T12:00:00.123Z\"");
+        let back: Timestamp = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_string(), t.to_string());
+    }
+}
