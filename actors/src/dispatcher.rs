@@ -5,14 +5,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::{Actor, Addr, MailboxError};
 use tokio::sync::broadcast;
+use tracing::info;
 
 use crate::config::{ConfigError, DispatcherConfig};
+use crate::emitter::Emitter;
 use crate::error::{DispatchError, ErrorInfo};
-use crate::event::{EventSink, TaskEvent, TaskStatus, WorkerInfo};
+use crate::event::{EventBody, EventSink, TaskEvent, TaskStatus, WorkerInfo};
 use crate::handler::Handlers;
+use crate::metrics::{self, Metrics};
 use crate::record::{ErrorEntry, Stats, TaskRecord};
-use crate::task::{NodeId, Priority, Task, TaskId, TaskKind, TaskSpec};
+use crate::registry::{self, Registry};
+use crate::supervisor::{self, CancelReply, Supervisor};
+use crate::task::{
+    is_token, NodeId, Priority, Task, TaskId, TaskKind, TaskSpec, MAX_ID_LEN, MAX_KIND_LEN,
+};
 
 /// What a successful submission returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,43 +103,105 @@ pub struct ShutdownReport {
 
 /// A handle to a running dispatcher. Cheap to clone; every clone talks to
 /// the same actors.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use dispatcher_actors::{handler_fn, Dispatcher, DispatcherConfig, Handlers, NodeId, NullSink, TaskError, TaskKind, TaskSpec};
+///
+/// #[actix::main]
+/// async fn main() {
+///     let mut handlers = Handlers::new();
+///     handlers.insert(TaskKind::new("double").unwrap(), handler_fn(|_ctx, payload| async move {
+///         let n = payload.as_i64().ok_or_else(|| TaskError::permanent("payload must be an integer"))?;
+///         Ok(serde_json::json!(n * 2))
+///     }));
+///     let config = DispatcherConfig::new(NodeId::new("local").unwrap());
+///     let dispatcher = Dispatcher::start(config, handlers, Arc::new(NullSink)).unwrap();
+///     let submitted = dispatcher.submit(TaskSpec::new("double", serde_json::json!(21))).await.unwrap();
+///     dispatcher.wait_idle().await;
+///     let record = dispatcher.status(&submitted.id).await.unwrap();
+///     assert_eq!(record.result, Some(serde_json::json!(42)));
+/// }
+/// ```
 #[derive(Clone)]
 pub struct Dispatcher {
-    inner: Arc<()>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: DispatcherConfig,
+    kinds: Vec<String>,
+    supervisor: Addr<Supervisor>,
+    registry: Addr<Registry>,
+    metrics: Addr<Metrics>,
+    subscribers: broadcast::Sender<TaskEvent>,
+    emitter: Emitter,
+}
+
+fn gone(e: MailboxError) -> DispatchError {
+    DispatchError::Unavailable(format!("the dispatcher's actors are gone ({e})"))
 }
 
 impl Dispatcher {
-    /// Starts the Supervisor (with its Workers), the Registry and the
-    /// Metrics actors. Must be called inside a running actix `System`.
+    /// Starts the Supervisor (with its Workers, each on its own thread),
+    /// the Registry and the Metrics actors. Must be called inside a running
+    /// actix `System`.
     pub fn start(
         config: DispatcherConfig,
         handlers: Handlers,
         sink: Arc<dyn EventSink>,
     ) -> Result<Self, ConfigError> {
-        let _ = (config, handlers, sink);
-        unimplemented!("in progress")
+        config.validate()?;
+        let registry = Registry::new(
+            config.retention,
+            config.cleanup_interval,
+            config.max_records,
+            config.error_capacity,
+        )
+        .start();
+        let metrics = Metrics::new().start();
+        let (subscribers, _) = broadcast::channel(config.subscriber_buffer);
+        let emitter = Emitter::new(
+            config.node.clone(),
+            sink,
+            registry.clone(),
+            metrics.clone(),
+            subscribers.clone(),
+        );
+        let kinds = handlers.kinds();
+        let supervisor = Supervisor::new(config.clone(), handlers, emitter.clone()).start();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                kinds,
+                supervisor,
+                registry,
+                metrics,
+                subscribers,
+                emitter,
+            }),
+        })
     }
 
     /// This node's id.
     pub fn node(&self) -> &NodeId {
-        unimplemented!("in progress")
+        &self.inner.config.node
     }
 
     /// The configuration it runs with.
     pub fn config(&self) -> &DispatcherConfig {
-        unimplemented!("in progress")
+        &self.inner.config
     }
 
     /// The kinds it has handlers for, sorted.
     pub fn kinds(&self) -> Vec<String> {
-        unimplemented!("in progress")
+        self.inner.kinds.clone()
     }
 
     /// Validates `spec` against this node's defaults without submitting it.
     /// `kind` is the subject's kind, if the spec came from one.
     pub fn validate(&self, spec: TaskSpec, kind: Option<&str>) -> Result<Task, ErrorInfo> {
-        let _ = (spec, kind);
-        unimplemented!("in progress")
+        spec.into_task(kind, &self.inner.config.defaults)
     }
 
     /// Validates and queues one task (its `kind` field names the handler).
@@ -147,8 +217,12 @@ impl Dispatcher {
         kind: Option<&str>,
         options: SubmitOptions,
     ) -> Result<Submitted, DispatchError> {
-        let _ = (spec, kind, options);
-        unimplemented!("in progress")
+        let mut results = self.submit_batch(vec![spec], kind, options).await;
+        results.pop().unwrap_or_else(|| {
+            Err(DispatchError::Unavailable(
+                "no answer for the task".to_owned(),
+            ))
+        })
     }
 
     /// Queues an already validated task. Every refusal also goes out as a
@@ -158,8 +232,12 @@ impl Dispatcher {
         task: Task,
         options: SubmitOptions,
     ) -> Result<Submitted, DispatchError> {
-        let _ = (task, options);
-        unimplemented!("in progress")
+        let mut results = self.submit_tasks(vec![Ok(task)], options).await;
+        results.pop().unwrap_or_else(|| {
+            Err(DispatchError::Unavailable(
+                "no answer for the task".to_owned(),
+            ))
+        })
     }
 
     /// Validates and queues many tasks; each succeeds or fails alone, and
@@ -170,68 +248,274 @@ impl Dispatcher {
         kind: Option<&str>,
         options: SubmitOptions,
     ) -> Vec<Result<Submitted, DispatchError>> {
-        let _ = (specs, kind, options);
-        unimplemented!("in progress")
+        let validated = specs
+            .into_iter()
+            .map(|spec| {
+                let id = spec.id.clone();
+                let body_kind = spec.kind.clone();
+                self.validate(spec, kind).map_err(|e| {
+                    let shown_kind = kind.or(body_kind.as_deref());
+                    self.reject(id.as_deref(), shown_kind, e.clone());
+                    DispatchError::Invalid(e)
+                })
+            })
+            .collect();
+        self.submit_tasks(validated, options).await
+    }
+
+    /// Admits (registry), then queues (supervisor) the valid tasks among
+    /// `tasks`, in two messages whatever their number.
+    async fn submit_tasks(
+        &self,
+        tasks: Vec<Result<Task, DispatchError>>,
+        options: SubmitOptions,
+    ) -> Vec<Result<Submitted, DispatchError>> {
+        let inner = &self.inner;
+        let mut results: Vec<Option<Result<Submitted, DispatchError>>> =
+            Vec::with_capacity(tasks.len());
+        let mut valid = Vec::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            match t {
+                Ok(task) => {
+                    results.push(None);
+                    valid.push((i, task));
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if !valid.is_empty() {
+            let records = valid
+                .iter()
+                .map(|(_, t)| TaskRecord::queued(t, &inner.config.node))
+                .collect();
+            let admitted = match inner.registry.send(registry::Admit { records }).await {
+                Ok(admitted) => admitted,
+                Err(e) => {
+                    let err = gone(e);
+                    for (i, t) in &valid {
+                        self.reject(Some(t.id.as_str()), Some(t.kind.as_str()), err.to_info());
+                        results[*i] = Some(Err(err.clone()));
+                    }
+                    Vec::new()
+                }
+            };
+            let mut to_queue = Vec::new();
+            let mut positions = Vec::new();
+            for ((i, task), ok) in valid.into_iter().zip(admitted) {
+                if ok {
+                    positions.push((
+                        i,
+                        Submitted {
+                            id: task.id.clone(),
+                            kind: task.kind.clone(),
+                            priority: task.priority,
+                        },
+                    ));
+                    to_queue.push(task);
+                } else {
+                    let err = DispatchError::DuplicateId(task.id.clone());
+                    self.reject(
+                        Some(task.id.as_str()),
+                        Some(task.kind.as_str()),
+                        err.to_info(),
+                    );
+                    results[i] = Some(Err(err));
+                }
+            }
+            if !to_queue.is_empty() {
+                let queued = inner
+                    .supervisor
+                    .send(supervisor::Enqueue {
+                        tasks: to_queue,
+                        emit_accepted: options.emit_accepted,
+                    })
+                    .await;
+                let outcomes: Vec<Result<(), DispatchError>> = match queued {
+                    Ok(o) => o,
+                    Err(e) => vec![Err(gone(e)); positions.len()],
+                };
+                let mut forget = Vec::new();
+                for ((i, submitted), outcome) in positions.into_iter().zip(outcomes) {
+                    results[i] = Some(match outcome {
+                        Ok(()) => Ok(submitted),
+                        Err(err) => {
+                            self.reject(
+                                Some(submitted.id.as_str()),
+                                Some(submitted.kind.as_str()),
+                                err.to_info(),
+                            );
+                            forget.push(submitted.id);
+                            Err(err)
+                        }
+                    });
+                }
+                if !forget.is_empty() {
+                    inner.registry.do_send(registry::Forget { ids: forget });
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(DispatchError::Unavailable(
+                        "no answer for the task".to_owned(),
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// Publishes a `rejected` event for input that could not even be read
     /// as a task (bad JSON, wrong content type …) and counts it. `id` and
-    /// `kind` are whatever could be read, if anything.
+    /// `kind` are whatever could be read, if anything; what is not a valid
+    /// token shows as `_`.
     pub fn reject(&self, id: Option<&str>, kind: Option<&str>, error: ErrorInfo) {
-        let _ = (id, kind, error);
-        unimplemented!("in progress")
+        let id = id
+            .filter(|s| is_token(s, MAX_ID_LEN))
+            .and_then(|s| TaskId::new(s).ok())
+            .unwrap_or_else(TaskId::unknown);
+        let kind = kind
+            .filter(|s| is_token(s, MAX_KIND_LEN))
+            .and_then(|s| TaskKind::new(s).ok())
+            .unwrap_or_else(TaskKind::unknown);
+        self.inner
+            .emitter
+            .task(&id, &kind, 0, EventBody::Rejected { error });
     }
 
     /// Cancels a queued, retrying or running task.
     pub async fn cancel(&self, id: &TaskId) -> Result<CancelOutcome, DispatchError> {
-        let _ = id;
-        unimplemented!("in progress")
+        let reply = self
+            .inner
+            .supervisor
+            .send(supervisor::CancelTask {
+                id: id.clone(),
+                reason: "cancelled on request".to_owned(),
+            })
+            .await
+            .map_err(gone)?;
+        match reply {
+            CancelReply::Cancelled => Ok(CancelOutcome::Cancelled),
+            CancelReply::Cancelling => Ok(CancelOutcome::Cancelling),
+            CancelReply::NotHeld => match self.status(id).await {
+                Ok(record) if record.status.is_final() => {
+                    Err(DispatchError::AlreadyFinished(id.clone()))
+                }
+                Ok(_) | Err(DispatchError::NotFound(_)) => Err(DispatchError::NotFound(id.clone())),
+                Err(e) => Err(e),
+            },
+        }
     }
 
     /// The record of one task.
     pub async fn status(&self, id: &TaskId) -> Result<TaskRecord, DispatchError> {
-        let _ = id;
-        unimplemented!("in progress")
+        self.inner
+            .registry
+            .send(registry::GetTask { id: id.clone() })
+            .await
+            .map_err(gone)?
+            .ok_or_else(|| DispatchError::NotFound(id.clone()))
     }
 
     /// Records matching `filter`, newest first.
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<TaskRecord>, DispatchError> {
-        let _ = filter;
-        unimplemented!("in progress")
+        self.inner
+            .registry
+            .send(registry::ListTasks { filter })
+            .await
+            .map_err(gone)
     }
 
     /// The latest failed attempts, newest first.
     pub async fn errors(&self, limit: usize) -> Result<Vec<ErrorEntry>, DispatchError> {
-        let _ = limit;
-        unimplemented!("in progress")
+        self.inner
+            .registry
+            .send(registry::GetErrors { limit })
+            .await
+            .map_err(gone)
     }
 
     /// Counters, gauges and durations.
     pub async fn stats(&self) -> Result<Stats, DispatchError> {
-        unimplemented!("in progress")
+        let gauges = self
+            .inner
+            .supervisor
+            .send(supervisor::GetGauges)
+            .await
+            .map_err(gone)?;
+        let mut stats = self
+            .inner
+            .metrics
+            .send(metrics::GetStats)
+            .await
+            .map_err(gone)?;
+        stats.running = gauges.running;
+        stats.queued = gauges.queued;
+        stats.workers = gauges.workers;
+        stats.worker_restarts = gauges.worker_restarts;
+        Ok(stats)
     }
 
     /// Each worker slot's state.
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, DispatchError> {
-        unimplemented!("in progress")
+        self.inner
+            .supervisor
+            .send(supervisor::GetWorkers)
+            .await
+            .map_err(gone)
     }
 
     /// Every task event from now on (a slow subscriber skips ahead with
     /// `RecvError::Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
-        unimplemented!("in progress")
+        self.inner.subscribers.subscribe()
     }
 
-    /// Resolves once nothing is queued, waiting to retry, or running.
+    /// Resolves once nothing is queued, waiting to retry, or running (at
+    /// once if the actors are gone).
     pub async fn wait_idle(&self) {
-        unimplemented!("in progress")
+        if let Ok(rx) = self.inner.supervisor.send(supervisor::WaitIdle).await {
+            let _ = rx.await;
+        }
     }
 
-    /// Stops taking tasks, lets running ones finish within `timeout`, then
-    /// stops them (attempt error `shutdown`); tasks not started are
-    /// cancelled. The actors stop afterwards.
+    /// Stops taking tasks and cancels those not started; lets running ones
+    /// finish within `timeout`, then stops them (attempt error `shutdown`,
+    /// a `failed` event); finally stops the Workers' threads.
     pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
-        let _ = timeout;
-        unimplemented!("in progress")
+        let sup = &self.inner.supervisor;
+        let mut report = ShutdownReport::default();
+        let Ok((unstarted, drained)) = sup.send(supervisor::BeginShutdown).await else {
+            return report;
+        };
+        report.unstarted = unstarted;
+        let running = sup
+            .send(supervisor::GetGauges)
+            .await
+            .map(|g| g.running as usize)
+            .unwrap_or(0);
+        if tokio::time::timeout(timeout, drained).await.is_ok() {
+            report.finished = running;
+        } else {
+            report.interrupted = sup.send(supervisor::InterruptRunning).await.unwrap_or(0);
+            report.finished = running.saturating_sub(report.interrupted);
+            if let Ok((_, drained)) = sup.send(supervisor::BeginShutdown).await {
+                // Workers drop a handler's future after the cancel grace at most.
+                let _ = tokio::time::timeout(
+                    self.inner.config.cancel_grace * 2 + Duration::from_secs(1),
+                    drained,
+                )
+                .await;
+            }
+        }
+        let _ = sup.send(supervisor::StopWorkers).await;
+        info!(
+            finished = report.finished,
+            interrupted = report.interrupted,
+            unstarted = report.unstarted,
+            "Dispatcher stopped."
+        );
+        report
     }
 }

@@ -169,9 +169,7 @@ impl DispatchError {
     pub fn to_info(&self) -> ErrorInfo {
         match self {
             DispatchError::Invalid(info) => info.clone(),
-            DispatchError::DuplicateId(_) => {
-                ErrorInfo::field(self.code(), "id", self.to_string())
-            }
+            DispatchError::DuplicateId(_) => ErrorInfo::field(self.code(), "id", self.to_string()),
             other => ErrorInfo::new(other.code(), other.to_string()),
         }
     }

@@ -132,7 +132,10 @@ impl TaskStatus {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled
+            TaskStatus::Completed
+                | TaskStatus::Failed
+                | TaskStatus::TimedOut
+                | TaskStatus::Cancelled
         )
     }
 }
@@ -246,7 +249,13 @@ pub struct TaskEvent {
 
 impl TaskEvent {
     /// An event stamped now.
-    pub fn now(task_id: TaskId, kind: TaskKind, attempt: u32, node: NodeId, body: EventBody) -> Self {
+    pub fn now(
+        task_id: TaskId,
+        kind: TaskKind,
+        attempt: u32,
+        node: NodeId,
+        body: EventBody,
+    ) -> Self {
         Self {
             task_id,
             kind,
@@ -602,16 +611,37 @@ mod tests {
     #[test]
     fn every_event_round_trips_through_flat_json() {
         let bodies = vec![
-            EventBody::Accepted { priority: Priority::High },
-            EventBody::Rejected { error: ErrorInfo::field(ErrorCode::InvalidField, "priority", "bad") },
+            EventBody::Accepted {
+                priority: Priority::High,
+            },
+            EventBody::Rejected {
+                error: ErrorInfo::field(ErrorCode::InvalidField, "priority", "bad"),
+            },
             EventBody::Started { worker: 3 },
-            EventBody::Progress { progress: 50, message: "half".into() },
-            EventBody::Retrying { error: ErrorInfo::new(ErrorCode::HandlerError, "boom"), retry_in_ms: 500 },
-            EventBody::Completed { result: json!({"ok": 1}), duration_ms: 12 },
-            EventBody::Completed { result: Value::Null, duration_ms: 1 },
-            EventBody::Failed { error: ErrorInfo::new(ErrorCode::WorkerCrashed, "panic"), duration_ms: 3 },
+            EventBody::Progress {
+                progress: 50,
+                message: "half".into(),
+            },
+            EventBody::Retrying {
+                error: ErrorInfo::new(ErrorCode::HandlerError, "boom"),
+                retry_in_ms: 500,
+            },
+            EventBody::Completed {
+                result: json!({"ok": 1}),
+                duration_ms: 12,
+            },
+            EventBody::Completed {
+                result: Value::Null,
+                duration_ms: 1,
+            },
+            EventBody::Failed {
+                error: ErrorInfo::new(ErrorCode::WorkerCrashed, "panic"),
+                duration_ms: 3,
+            },
             EventBody::TimedOut { timeout_ms: 100 },
-            EventBody::Cancelled { reason: "client".into() },
+            EventBody::Cancelled {
+                reason: "client".into(),
+            },
         ];
         for body in bodies {
             let e = ev(body);
@@ -633,7 +663,11 @@ mod tests {
 
     #[test]
     fn completed_carries_result_and_duration() {
-        let v = serde_json::to_value(ev(EventBody::Completed { result: json!([1, 2]), duration_ms: 7 })).unwrap();
+        let v = serde_json::to_value(ev(EventBody::Completed {
+            result: json!([1, 2]),
+            duration_ms: 7,
+        }))
+        .unwrap();
         assert_eq!(v["result"], json!([1, 2]));
         assert_eq!(v["duration_ms"], 7);
         assert_eq!(v["status"], "completed");
@@ -643,7 +677,11 @@ mod tests {
     fn node_events_are_tagged_with_their_name() {
         let e = NodeEvent::now(
             NodeId::new("n1").unwrap(),
-            NodeEventBody::WorkerRestarted { worker: 2, restarts: 1, reason: "panic".into() },
+            NodeEventBody::WorkerRestarted {
+                worker: 2,
+                restarts: 1,
+                reason: "panic".into(),
+            },
         );
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["event"], "worker_restarted");

@@ -17,12 +17,18 @@
 
 pub mod config;
 pub mod dispatcher;
+mod emitter;
 pub mod error;
 pub mod event;
 pub mod handler;
+pub mod metrics;
+pub mod queue;
 pub mod record;
+pub mod registry;
+pub mod supervisor;
 pub mod task;
 pub mod time;
+pub mod worker;
 
 pub use config::{ConfigError, DispatcherConfig, RestartPolicy, MAX_WORKERS};
 pub use dispatcher::{
@@ -36,7 +42,7 @@ pub use event::{
 pub use handler::{handler_fn, FnHandler, Handlers, TaskContext, TaskError, TaskHandler};
 pub use record::{ErrorEntry, Stats, TaskRecord};
 pub use task::{
-    Backoff, BackoffSpec, NodeId, Priority, ResourceMode, ResourceSpec, Task, TaskDefaults,
-    TaskId, TaskKind, TaskSpec,
+    Backoff, BackoffSpec, NodeId, Priority, ResourceMode, ResourceSpec, Task, TaskDefaults, TaskId,
+    TaskKind, TaskSpec,
 };
 pub use time::Timestamp;

@@ -36,8 +36,7 @@ pub const MAX_TAG_VALUE_LEN: usize = 256;
 pub fn is_token(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -368,11 +367,7 @@ impl TaskSpec {
     /// Validates every field and fills defaults. `kind` is the kind the task
     /// is submitted under (a subject token, or the in-process caller's);
     /// `None` means the spec's own `kind` field must be present.
-    pub fn into_task(
-        self,
-        kind: Option<&str>,
-        defaults: &TaskDefaults,
-    ) -> Result<Task, ErrorInfo> {
+    pub fn into_task(self, kind: Option<&str>, defaults: &TaskDefaults) -> Result<Task, ErrorInfo> {
         let kind = match (kind, self.kind.as_deref()) {
             (Some(subject), Some(body)) if subject != body => {
                 return Err(ErrorInfo::field(
@@ -501,7 +496,10 @@ fn validate_backoff(spec: Option<BackoffSpec>, defaults: Backoff) -> Result<Back
     if b.initial_ms > MAX_TIMEOUT_MS {
         return bad(
             "initial_ms",
-            format!("backoff.initial_ms must be at most {MAX_TIMEOUT_MS}, got {}", b.initial_ms),
+            format!(
+                "backoff.initial_ms must be at most {MAX_TIMEOUT_MS}, got {}",
+                b.initial_ms
+            ),
         );
     }
     if b.max_ms < b.initial_ms || b.max_ms > MAX_TIMEOUT_MS {
@@ -516,7 +514,10 @@ fn validate_backoff(spec: Option<BackoffSpec>, defaults: Backoff) -> Result<Back
     if !(b.multiplier.is_finite() && (1.0..=100.0).contains(&b.multiplier)) {
         return bad(
             "multiplier",
-            format!("backoff.multiplier must be 1.0 to 100.0, got {}", b.multiplier),
+            format!(
+                "backoff.multiplier must be 1.0 to 100.0, got {}",
+                b.multiplier
+            ),
         );
     }
     Ok(b)
@@ -633,20 +634,68 @@ mod tests {
     #[test]
     fn field_errors_name_the_field() {
         let cases = [
-            (json!({"priority": "urgent"}), "priority", ErrorCode::InvalidField),
-            (json!({"timeout_ms": 0}), "timeout_ms", ErrorCode::InvalidField),
-            (json!({"timeout_ms": 86_400_001u64}), "timeout_ms", ErrorCode::InvalidField),
-            (json!({"max_attempts": 0}), "max_attempts", ErrorCode::InvalidField),
-            (json!({"max_attempts": 101}), "max_attempts", ErrorCode::InvalidField),
+            (
+                json!({"priority": "urgent"}),
+                "priority",
+                ErrorCode::InvalidField,
+            ),
+            (
+                json!({"timeout_ms": 0}),
+                "timeout_ms",
+                ErrorCode::InvalidField,
+            ),
+            (
+                json!({"timeout_ms": 86_400_001u64}),
+                "timeout_ms",
+                ErrorCode::InvalidField,
+            ),
+            (
+                json!({"max_attempts": 0}),
+                "max_attempts",
+                ErrorCode::InvalidField,
+            ),
+            (
+                json!({"max_attempts": 101}),
+                "max_attempts",
+                ErrorCode::InvalidField,
+            ),
             (json!({"id": "a b"}), "id", ErrorCode::InvalidField),
-            (json!({"id": "x".repeat(129)}), "id", ErrorCode::InvalidField),
+            (
+                json!({"id": "x".repeat(129)}),
+                "id",
+                ErrorCode::InvalidField,
+            ),
             (json!({"kind": "other"}), "kind", ErrorCode::KindMismatch),
-            (json!({"depends_on": ["a"]}), "depends_on", ErrorCode::InvalidField),
-            (json!({"resources": [{"name": "gpu0", "mode": "read"}]}), "resources", ErrorCode::InvalidField),
-            (json!({"not_before": "2026-11-22T12:00:00.000Z"}), "not_before", ErrorCode::InvalidField),
-            (json!({"not_before": "tomorrow"}), "not_before", ErrorCode::InvalidField),
-            (json!({"backoff": {"multiplier": 0.5}}), "backoff.multiplier", ErrorCode::InvalidField),
-            (json!({"backoff": {"initial_ms": 10, "max_ms": 5}}), "backoff.max_ms", ErrorCode::InvalidField),
+            (
+                json!({"depends_on": ["a"]}),
+                "depends_on",
+                ErrorCode::InvalidField,
+            ),
+            (
+                json!({"resources": [{"name": "gpu0", "mode": "read"}]}),
+                "resources",
+                ErrorCode::InvalidField,
+            ),
+            (
+                json!({"not_before": "2026-11-22T12:00:00.000Z"}),
+                "not_before",
+                ErrorCode::InvalidField,
+            ),
+            (
+                json!({"not_before": "tomorrow"}),
+                "not_before",
+                ErrorCode::InvalidField,
+            ),
+            (
+                json!({"backoff": {"multiplier": 0.5}}),
+                "backoff.multiplier",
+                ErrorCode::InvalidField,
+            ),
+            (
+                json!({"backoff": {"initial_ms": 10, "max_ms": 5}}),
+                "backoff.max_ms",
+                ErrorCode::InvalidField,
+            ),
         ];
         for (input, field, code) in cases {
             let err = reject(input.clone());
@@ -692,7 +741,12 @@ mod tests {
 
     #[test]
     fn priorities_order_most_urgent_first() {
-        let mut ps = vec![Priority::Low, Priority::Critical, Priority::Normal, Priority::High];
+        let mut ps = vec![
+            Priority::Low,
+            Priority::Critical,
+            Priority::Normal,
+            Priority::High,
+        ];
         ps.sort();
         assert_eq!(ps, Priority::ALL.to_vec());
         assert_eq!(Priority::parse("high"), Some(Priority::High));

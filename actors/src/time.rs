@@ -25,7 +25,8 @@ impl Timestamp {
 
     /// Parses any RFC 3339 time.
     pub fn parse(s: &str) -> Result<Self, time::error::Parse> {
-        OffsetDateTime::parse(s, &Rfc3339).map(|t| Self::truncated(t.to_offset(time::UtcOffset::UTC)))
+        OffsetDateTime::parse(s, &Rfc3339)
+            .map(|t| Self::truncated(t.to_offset(time::UtcOffset::UTC)))
     }
 
     /// Milliseconds since the Unix epoch.

@@ -1,0 +1,396 @@
+//! The Registry actor: owns every task's [`TaskRecord`] on this node, the
+//! error list, and retention. It learns of tasks when they are admitted
+//! ([`Admit`]) and folds every later event into their records
+//! ([`RecordEvent`]). It does not schedule or run anything.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use actix::{Actor, AsyncContext, Context, Handler, Message, MessageResult};
+
+use crate::dispatcher::ListFilter;
+use crate::error::{ErrorCode, ErrorInfo};
+use crate::event::{EventBody, TaskEvent};
+use crate::record::{ErrorEntry, TaskRecord};
+use crate::task::TaskId;
+
+/// Keeps task records and the error list, bounded by age and count.
+pub struct Registry {
+    records: HashMap<TaskId, TaskRecord>,
+    /// Finished tasks, oldest first, with when they finished.
+    finished: VecDeque<(TaskId, Instant)>,
+    errors: VecDeque<ErrorEntry>,
+    retention: Duration,
+    cleanup_interval: Duration,
+    max_records: usize,
+    error_capacity: usize,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(
+        retention: Duration,
+        cleanup_interval: Duration,
+        max_records: usize,
+        error_capacity: usize,
+    ) -> Self {
+        Self {
+            records: HashMap::new(),
+            finished: VecDeque::new(),
+            errors: VecDeque::with_capacity(error_capacity.min(1024)),
+            retention,
+            cleanup_interval,
+            max_records,
+            error_capacity,
+        }
+    }
+
+    /// Drops finished records older than the retention, and the oldest
+    /// finished ones past `max_records`.
+    fn cleanup(&mut self, now: Instant) {
+        while let Some((id, finished_at)) = self.finished.front() {
+            let expired = now.saturating_duration_since(*finished_at) >= self.retention;
+            if !expired && self.records.len() <= self.max_records {
+                break;
+            }
+            self.records.remove(id);
+            self.finished.pop_front();
+        }
+    }
+
+    fn push_error(&mut self, entry: ErrorEntry) {
+        if self.errors.len() == self.error_capacity {
+            self.errors.pop_front();
+        }
+        self.errors.push_back(entry);
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.cleanup_interval, |act, _ctx| {
+            act.cleanup(Instant::now())
+        });
+    }
+}
+
+/// Records newly admitted tasks; answers, per task, `false` if its id is
+/// already known (a duplicate, not recorded again).
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<bool>")]
+pub struct Admit {
+    /// Records of the tasks, status `queued`.
+    pub records: Vec<TaskRecord>,
+}
+
+impl Handler<Admit> for Registry {
+    type Result = MessageResult<Admit>;
+
+    fn handle(&mut self, msg: Admit, _ctx: &mut Context<Self>) -> Self::Result {
+        let admitted = msg
+            .records
+            .into_iter()
+            .map(|record| {
+                if self.records.contains_key(&record.id) {
+                    false
+                } else {
+                    self.records.insert(record.id.clone(), record);
+                    true
+                }
+            })
+            .collect();
+        // Admission can push the count past `max_records`; trim at once so
+        // memory stays bounded between cleanup ticks.
+        if self.records.len() > self.max_records {
+            self.cleanup(Instant::now());
+        }
+        MessageResult(admitted)
+    }
+}
+
+/// Removes records of admitted tasks that were then refused (queue full).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Forget {
+    /// The tasks.
+    pub ids: Vec<TaskId>,
+}
+
+impl Handler<Forget> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Forget, _ctx: &mut Context<Self>) {
+        for id in msg.ids {
+            self.records.remove(&id);
+        }
+    }
+}
+
+/// Folds an event into its task's record (and the error list).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RecordEvent(pub TaskEvent);
+
+impl Handler<RecordEvent> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, RecordEvent(event): RecordEvent, _ctx: &mut Context<Self>) {
+        let error = match &event.body {
+            EventBody::Retrying { error, .. } | EventBody::Failed { error, .. } => {
+                Some(error.clone())
+            }
+            EventBody::TimedOut { timeout_ms } => Some(ErrorInfo::new(
+                ErrorCode::Timeout,
+                format!("the attempt ran past its timeout of {timeout_ms} ms"),
+            )),
+            _ => None,
+        };
+        if let Some(error) = error {
+            self.push_error(ErrorEntry {
+                task_id: event.task_id.clone(),
+                kind: event.kind.clone(),
+                attempt: event.attempt,
+                error,
+                ts: event.ts,
+            });
+        }
+        let Some(record) = self.records.get_mut(&event.task_id) else {
+            return;
+        };
+        let was_final = record.status.is_final();
+        record.apply(&event);
+        if !was_final && record.status.is_final() {
+            self.finished
+                .push_back((event.task_id.clone(), Instant::now()));
+        }
+    }
+}
+
+/// One task's record.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<TaskRecord>")]
+pub struct GetTask {
+    /// The task.
+    pub id: TaskId,
+}
+
+impl Handler<GetTask> for Registry {
+    type Result = Option<TaskRecord>;
+
+    fn handle(&mut self, msg: GetTask, _ctx: &mut Context<Self>) -> Self::Result {
+        self.records.get(&msg.id).cloned()
+    }
+}
+
+/// Records matching a filter, newest first.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<TaskRecord>")]
+pub struct ListTasks {
+    /// Which ones.
+    pub filter: ListFilter,
+}
+
+impl Handler<ListTasks> for Registry {
+    type Result = MessageResult<ListTasks>;
+
+    fn handle(&mut self, msg: ListTasks, _ctx: &mut Context<Self>) -> Self::Result {
+        let f = &msg.filter;
+        let mut matching: Vec<&TaskRecord> = self
+            .records
+            .values()
+            .filter(|r| f.status.is_none_or(|s| r.status == s))
+            .filter(|r| f.kind.as_ref().is_none_or(|k| &r.kind == k))
+            .collect();
+        matching.sort_unstable_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| b.id.cmp(&a.id))
+        });
+        MessageResult(matching.into_iter().take(f.limit).cloned().collect())
+    }
+}
+
+/// The latest failed attempts, newest first.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<ErrorEntry>")]
+pub struct GetErrors {
+    /// At most this many.
+    pub limit: usize,
+}
+
+impl Handler<GetErrors> for Registry {
+    type Result = MessageResult<GetErrors>;
+
+    fn handle(&mut self, msg: GetErrors, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.errors.iter().rev().take(msg.limit).cloned().collect())
+    }
+}
+
+/// How many records are kept (for tests and metrics).
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct CountRecords;
+
+impl Handler<CountRecords> for Registry {
+    type Result = usize;
+
+    fn handle(&mut self, _msg: CountRecords, _ctx: &mut Context<Self>) -> usize {
+        self.records.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::TaskStatus;
+    use crate::task::{NodeId, TaskDefaults, TaskSpec};
+    use serde_json::json;
+
+    fn record(id: &str) -> TaskRecord {
+        let task = TaskSpec::new("echo", json!(null))
+            .with_id(id)
+            .into_task(None, &TaskDefaults::default())
+            .unwrap();
+        TaskRecord::queued(&task, &NodeId::new("n").unwrap())
+    }
+
+    fn event(id: &str, body: EventBody) -> TaskEvent {
+        TaskEvent::now(
+            TaskId::new(id).unwrap(),
+            crate::task::TaskKind::new("echo").unwrap(),
+            1,
+            NodeId::new("n").unwrap(),
+            body,
+        )
+    }
+
+    #[actix::test]
+    async fn admits_once_and_folds_events() {
+        let reg = Registry::new(Duration::from_secs(60), Duration::from_secs(60), 100, 10).start();
+        let ok = reg
+            .send(Admit {
+                records: vec![record("a"), record("b")],
+            })
+            .await
+            .unwrap();
+        assert_eq!(ok, vec![true, true]);
+        let again = reg
+            .send(Admit {
+                records: vec![record("a")],
+            })
+            .await
+            .unwrap();
+        assert_eq!(again, vec![false]);
+
+        reg.do_send(RecordEvent(event("a", EventBody::Started { worker: 2 })));
+        reg.do_send(RecordEvent(event(
+            "a",
+            EventBody::Completed {
+                result: json!(7),
+                duration_ms: 3,
+            },
+        )));
+        let a = reg
+            .send(GetTask {
+                id: TaskId::new("a").unwrap(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.status, TaskStatus::Completed);
+        assert_eq!(a.worker, Some(2));
+        assert_eq!(a.result, Some(json!(7)));
+        assert!(a.started_at.is_some() && a.finished_at.is_some());
+
+        let running = reg
+            .send(ListTasks {
+                filter: ListFilter {
+                    status: Some(TaskStatus::Queued),
+                    ..ListFilter::default()
+                },
+            })
+            .await
+            .unwrap();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].id.as_str(), "b");
+    }
+
+    #[actix::test]
+    async fn error_list_is_a_bounded_ring() {
+        let reg = Registry::new(Duration::from_secs(60), Duration::from_secs(60), 100, 3).start();
+        for i in 0..5 {
+            reg.do_send(RecordEvent(event(
+                &format!("t{i}"),
+                EventBody::Failed {
+                    error: ErrorInfo::new(ErrorCode::HandlerError, format!("e{i}")),
+                    duration_ms: 1,
+                },
+            )));
+        }
+        let errors = reg.send(GetErrors { limit: 10 }).await.unwrap();
+        let ids: Vec<_> = errors
+            .iter()
+            .map(|e| e.task_id.as_str().to_owned())
+            .collect();
+        assert_eq!(ids, ["t4", "t3", "t2"]);
+    }
+
+    #[actix::test]
+    async fn finished_records_expire_and_are_capped() {
+        let reg = Registry::new(Duration::ZERO, Duration::from_millis(10), 100, 10).start();
+        reg.send(Admit {
+            records: vec![record("old"), record("live")],
+        })
+        .await
+        .unwrap();
+        reg.do_send(RecordEvent(event(
+            "old",
+            EventBody::Cancelled { reason: "x".into() },
+        )));
+        // Zero retention: the cleanup tick removes the finished record but
+        // never a live one.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reg.send(CountRecords).await.unwrap() != 1 {
+            assert!(Instant::now() < deadline, "finished record never expired");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(reg
+            .send(GetTask {
+                id: TaskId::new("live").unwrap()
+            })
+            .await
+            .unwrap()
+            .is_some());
+
+        let capped =
+            Registry::new(Duration::from_secs(3600), Duration::from_secs(3600), 2, 10).start();
+        for id in ["a", "b"] {
+            capped
+                .send(Admit {
+                    records: vec![record(id)],
+                })
+                .await
+                .unwrap();
+            capped.do_send(RecordEvent(event(
+                id,
+                EventBody::Cancelled { reason: "x".into() },
+            )));
+        }
+        capped
+            .send(Admit {
+                records: vec![record("c")],
+            })
+            .await
+            .unwrap();
+        assert_eq!(capped.send(CountRecords).await.unwrap(), 2);
+        assert!(capped
+            .send(GetTask {
+                id: TaskId::new("a").unwrap()
+            })
+            .await
+            .unwrap()
+            .is_none());
+    }
+}
