@@ -50,6 +50,9 @@ pub struct DispatcherConfig {
     pub cancel_grace: Duration,
     /// Worker restarts.
     pub restart: RestartPolicy,
+    /// How often a transport's lease on each task this node holds is
+    /// renewed ([`Delivery::keep_alive`](crate::delivery::Delivery::keep_alive)).
+    pub keep_alive_interval: Duration,
     /// How long finished tasks stay in the registry.
     pub retention: Duration,
     /// How often finished tasks past `retention` are removed.
@@ -73,6 +76,7 @@ impl DispatcherConfig {
             defaults: TaskDefaults::default(),
             cancel_grace: Duration::from_secs(2),
             restart: RestartPolicy::default(),
+            keep_alive_interval: Duration::from_secs(10),
             retention: Duration::from_secs(24 * 3600),
             cleanup_interval: Duration::from_secs(60),
             max_records: 100_000,
@@ -108,6 +112,9 @@ impl DispatcherConfig {
         }
         if self.cleanup_interval.is_zero() {
             return Err(ConfigError("cleanup_interval must be above zero".into()));
+        }
+        if self.keep_alive_interval.is_zero() {
+            return Err(ConfigError("keep_alive_interval must be above zero".into()));
         }
         if self.restart.within.is_zero() {
             return Err(ConfigError("restart window must be above zero".into()));

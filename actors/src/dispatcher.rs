@@ -6,18 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Addr, MailboxError};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tracing::info;
 
 use crate::config::{ConfigError, DispatcherConfig};
+use crate::delivery::{DeliveryHandle, Settlement};
 use crate::emitter::Emitter;
 use crate::error::{DispatchError, ErrorInfo};
 use crate::event::{EventBody, EventSink, TaskEvent, TaskStatus, WorkerInfo};
 use crate::handler::Handlers;
 use crate::metrics::{self, Metrics};
 use crate::record::{ErrorEntry, Stats, TaskRecord};
-use crate::registry::{self, Registry};
-use crate::supervisor::{self, CancelReply, Supervisor};
+use crate::registry::{self, Admission, Registry};
+use crate::supervisor::{self, CancelReply, Held, Supervisor};
 use crate::task::{
     is_token, NodeId, Priority, Task, TaskId, TaskKind, TaskSpec, MAX_ID_LEN, MAX_KIND_LEN,
 };
@@ -135,7 +136,23 @@ struct Inner {
     registry: Addr<Registry>,
     metrics: Addr<Metrics>,
     subscribers: broadcast::Sender<TaskEvent>,
+    room: watch::Receiver<usize>,
     emitter: Emitter,
+}
+
+fn finish_results(
+    results: Vec<Option<Result<Submitted, DispatchError>>>,
+) -> Vec<Result<Submitted, DispatchError>> {
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(DispatchError::Unavailable(
+                    "no answer for the task".to_owned(),
+                ))
+            })
+        })
+        .collect()
 }
 
 fn gone(e: MailboxError) -> DispatchError {
@@ -169,7 +186,9 @@ impl Dispatcher {
             subscribers.clone(),
         );
         let kinds = handlers.kinds();
-        let supervisor = Supervisor::new(config.clone(), handlers, emitter.clone()).start();
+        let (room_tx, room) = watch::channel(config.queue_capacity());
+        let supervisor =
+            Supervisor::new(config.clone(), handlers, emitter.clone(), room_tx).start();
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -178,6 +197,7 @@ impl Dispatcher {
                 registry,
                 metrics,
                 subscribers,
+                room,
                 emitter,
             }),
         })
@@ -232,12 +252,46 @@ impl Dispatcher {
         task: Task,
         options: SubmitOptions,
     ) -> Result<Submitted, DispatchError> {
-        let mut results = self.submit_tasks(vec![Ok(task)], options).await;
+        let held = Held {
+            task,
+            delivery: None,
+        };
+        let mut results = self.submit_held(vec![Ok(held)], options).await;
         results.pop().unwrap_or_else(|| {
             Err(DispatchError::Unavailable(
                 "no answer for the task".to_owned(),
             ))
         })
+    }
+
+    /// Queues a task that a durable transport delivered, with its handle on
+    /// that delivery (settled when the node is done with the task). The
+    /// task's `attempt` is the transport's delivery count. A delivery of a
+    /// task this node already finished is settled at once and answers
+    /// `AlreadyFinished`; one of a task it still holds replaces the old
+    /// delivery.
+    pub async fn submit_delivered(
+        &self,
+        task: Task,
+        delivery: DeliveryHandle,
+        options: SubmitOptions,
+    ) -> Result<Submitted, DispatchError> {
+        let held = Held {
+            task,
+            delivery: Some(delivery),
+        };
+        let mut results = self.submit_held(vec![Ok(held)], options).await;
+        results.pop().unwrap_or_else(|| {
+            Err(DispatchError::Unavailable(
+                "no answer for the task".to_owned(),
+            ))
+        })
+    }
+
+    /// Free places in the local queue, updated as they change: a transport
+    /// that pulls tasks pulls no more than this.
+    pub fn room(&self) -> watch::Receiver<usize> {
+        self.inner.room.clone()
     }
 
     /// Validates and queues many tasks; each succeeds or fails alone, and
@@ -253,21 +307,25 @@ impl Dispatcher {
             .map(|spec| {
                 let id = spec.id.clone();
                 let body_kind = spec.kind.clone();
-                self.validate(spec, kind).map_err(|e| {
+                let held = |task| Held {
+                    task,
+                    delivery: None,
+                };
+                self.validate(spec, kind).map(held).map_err(|e| {
                     let shown_kind = kind.or(body_kind.as_deref());
                     self.reject(id.as_deref(), shown_kind, e.clone());
                     DispatchError::Invalid(e)
                 })
             })
             .collect();
-        self.submit_tasks(validated, options).await
+        self.submit_held(validated, options).await
     }
 
     /// Admits (registry), then queues (supervisor) the valid tasks among
     /// `tasks`, in two messages whatever their number.
-    async fn submit_tasks(
+    async fn submit_held(
         &self,
-        tasks: Vec<Result<Task, DispatchError>>,
+        tasks: Vec<Result<Held, DispatchError>>,
         options: SubmitOptions,
     ) -> Vec<Result<Submitted, DispatchError>> {
         let inner = &self.inner;
@@ -276,94 +334,103 @@ impl Dispatcher {
         let mut valid = Vec::new();
         for (i, t) in tasks.into_iter().enumerate() {
             match t {
-                Ok(task) => {
+                Ok(held) => {
                     results.push(None);
-                    valid.push((i, task));
+                    valid.push((i, held));
                 }
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        if !valid.is_empty() {
-            let records = valid
-                .iter()
-                .map(|(_, t)| TaskRecord::queued(t, &inner.config.node))
-                .collect();
-            let admitted = match inner.registry.send(registry::Admit { records }).await {
-                Ok(admitted) => admitted,
-                Err(e) => {
-                    let err = gone(e);
-                    for (i, t) in &valid {
-                        self.reject(Some(t.id.as_str()), Some(t.kind.as_str()), err.to_info());
-                        results[*i] = Some(Err(err.clone()));
-                    }
-                    Vec::new()
+        if valid.is_empty() {
+            return finish_results(results);
+        }
+        let records = valid
+            .iter()
+            .map(|(_, h)| {
+                let record = TaskRecord::queued(&h.task, &inner.config.node);
+                (record, h.delivery.is_some())
+            })
+            .collect();
+        let admissions = match inner.registry.send(registry::Admit { records }).await {
+            Ok(admissions) => admissions,
+            Err(e) => {
+                let err = gone(e);
+                for (i, h) in &valid {
+                    self.reject_task(&h.task, &err);
+                    results[*i] = Some(Err(err.clone()));
                 }
-            };
-            let mut to_queue = Vec::new();
-            let mut positions = Vec::new();
-            for ((i, task), ok) in valid.into_iter().zip(admitted) {
-                if ok {
-                    positions.push((
-                        i,
-                        Submitted {
-                            id: task.id.clone(),
-                            kind: task.kind.clone(),
-                            priority: task.priority,
-                        },
-                    ));
-                    to_queue.push(task);
-                } else {
+                return finish_results(results);
+            }
+        };
+        let mut to_queue = Vec::new();
+        let mut positions = Vec::new();
+        for ((i, held), admission) in valid.into_iter().zip(admissions) {
+            let task = &held.task;
+            match admission {
+                Admission::New | Admission::Again => {
+                    let submitted = Submitted {
+                        id: task.id.clone(),
+                        kind: task.kind.clone(),
+                        priority: task.priority,
+                    };
+                    positions.push((i, submitted, admission));
+                    to_queue.push(held);
+                }
+                Admission::Duplicate => {
                     let err = DispatchError::DuplicateId(task.id.clone());
-                    self.reject(
-                        Some(task.id.as_str()),
-                        Some(task.kind.as_str()),
-                        err.to_info(),
-                    );
+                    self.reject_task(task, &err);
+                    results[i] = Some(Err(err));
+                }
+                Admission::Finished(status) => {
+                    let err = DispatchError::AlreadyFinished(task.id.clone());
+                    if let Some(d) = held.delivery {
+                        d.settle(Settlement::Done(status));
+                    }
                     results[i] = Some(Err(err));
                 }
             }
-            if !to_queue.is_empty() {
-                let queued = inner
-                    .supervisor
-                    .send(supervisor::Enqueue {
-                        tasks: to_queue,
-                        emit_accepted: options.emit_accepted,
-                    })
-                    .await;
-                let outcomes: Vec<Result<(), DispatchError>> = match queued {
-                    Ok(o) => o,
-                    Err(e) => vec![Err(gone(e)); positions.len()],
-                };
-                let mut forget = Vec::new();
-                for ((i, submitted), outcome) in positions.into_iter().zip(outcomes) {
-                    results[i] = Some(match outcome {
-                        Ok(()) => Ok(submitted),
-                        Err(err) => {
-                            self.reject(
-                                Some(submitted.id.as_str()),
-                                Some(submitted.kind.as_str()),
-                                err.to_info(),
-                            );
-                            forget.push(submitted.id);
-                            Err(err)
-                        }
-                    });
-                }
-                if !forget.is_empty() {
-                    inner.registry.do_send(registry::Forget { ids: forget });
-                }
-            }
         }
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(DispatchError::Unavailable(
-                        "no answer for the task".to_owned(),
-                    ))
-                })
-            })
-            .collect()
+        if to_queue.is_empty() {
+            return finish_results(results);
+        }
+        let enqueue = supervisor::Enqueue {
+            tasks: to_queue,
+            emit_accepted: options.emit_accepted,
+        };
+        let outcomes = match inner.supervisor.send(enqueue).await {
+            Ok(o) => o,
+            Err(e) => vec![Err(gone(e)); positions.len()],
+        };
+        let mut forget = Vec::new();
+        for ((i, submitted, admission), outcome) in positions.into_iter().zip(outcomes) {
+            results[i] = Some(match outcome {
+                Ok(()) => Ok(submitted),
+                Err(err) => {
+                    let error = err.to_info();
+                    self.reject(
+                        Some(submitted.id.as_str()),
+                        Some(submitted.kind.as_str()),
+                        error,
+                    );
+                    if admission == Admission::New {
+                        forget.push(submitted.id);
+                    }
+                    Err(err)
+                }
+            });
+        }
+        if !forget.is_empty() {
+            inner.registry.do_send(registry::Forget { ids: forget });
+        }
+        finish_results(results)
+    }
+
+    fn reject_task(&self, task: &Task, err: &DispatchError) {
+        self.reject(
+            Some(task.id.as_str()),
+            Some(task.kind.as_str()),
+            err.to_info(),
+        );
     }
 
     /// Publishes a `rejected` event for input that could not even be read

@@ -11,11 +11,13 @@
 //! - [`record`]: task records, the error list and stats.
 //! - [`config`]: bounds and policies.
 //! - [`dispatcher`]: the [`Dispatcher`] handle, the crate's entry point.
+//! - [`delivery`]: the seam to transports that keep tasks durably.
 //! - `supervisor`, `worker`, `registry`, `metrics`: one actor each.
 //! - `queue`: the bounded priority queue.
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod delivery;
 pub mod dispatcher;
 mod emitter;
 pub mod error;
@@ -31,6 +33,7 @@ pub mod time;
 pub mod worker;
 
 pub use config::{ConfigError, DispatcherConfig, RestartPolicy, MAX_WORKERS};
+pub use delivery::{Delivery, DeliveryHandle, Settlement};
 pub use dispatcher::{
     CancelOutcome, Dispatcher, ListFilter, ShutdownReport, SubmitOptions, Submitted,
 };

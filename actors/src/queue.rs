@@ -77,6 +77,16 @@ impl<T> PriorityQueue<T> {
         Some(item)
     }
 
+    /// Every item, most urgent first.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.lanes.iter().flatten()
+    }
+
+    /// Every item, mutably, most urgent first.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.lanes.iter_mut().flatten()
+    }
+
     /// Removes the first item matching `pred`.
     pub fn remove_first(&mut self, mut pred: impl FnMut(&T) -> bool) -> Option<T> {
         for lane in &mut self.lanes {

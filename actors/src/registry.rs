@@ -10,7 +10,7 @@ use actix::{Actor, AsyncContext, Context, Handler, Message, MessageResult};
 
 use crate::dispatcher::ListFilter;
 use crate::error::{ErrorCode, ErrorInfo};
-use crate::event::{EventBody, TaskEvent};
+use crate::event::{EventBody, TaskEvent, TaskStatus};
 use crate::record::{ErrorEntry, TaskRecord};
 use crate::task::TaskId;
 
@@ -76,13 +76,27 @@ impl Actor for Registry {
     }
 }
 
-/// Records newly admitted tasks; answers, per task, `false` if its id is
-/// already known (a duplicate, not recorded again).
+/// What the Registry made of a task handed to the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// New to this node: recorded.
+    New,
+    /// Known and not finished: a transport delivered it again (a retry, or
+    /// a lapsed lease); the record stays.
+    Again,
+    /// Known already and not a delivery: a duplicate id.
+    Duplicate,
+    /// Known and finished here: a delivery of work already done.
+    Finished(TaskStatus),
+}
+
+/// Records tasks handed to the node; answers per task.
 #[derive(Debug, Message)]
-#[rtype(result = "Vec<bool>")]
+#[rtype(result = "Vec<Admission>")]
 pub struct Admit {
-    /// Records of the tasks, status `queued`.
-    pub records: Vec<TaskRecord>,
+    /// Records of the tasks, status `queued`, each with whether a transport
+    /// delivered it (and so may deliver it again).
+    pub records: Vec<(TaskRecord, bool)>,
 }
 
 impl Handler<Admit> for Registry {
@@ -92,13 +106,14 @@ impl Handler<Admit> for Registry {
         let admitted = msg
             .records
             .into_iter()
-            .map(|record| {
-                if self.records.contains_key(&record.id) {
-                    false
-                } else {
+            .map(|(record, delivered)| match self.records.get(&record.id) {
+                None => {
                     self.records.insert(record.id.clone(), record);
-                    true
+                    Admission::New
                 }
+                Some(_) if !delivered => Admission::Duplicate,
+                Some(known) if known.status.is_final() => Admission::Finished(known.status),
+                Some(_) => Admission::Again,
             })
             .collect();
         // Admission can push the count past `max_records`; trim at once so
@@ -244,16 +259,21 @@ impl Handler<CountRecords> for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::TaskStatus;
     use crate::task::{NodeId, TaskDefaults, TaskSpec};
     use serde_json::json;
 
-    fn record(id: &str) -> TaskRecord {
+    /// A submitted (not delivered) task's record.
+    fn record(id: &str) -> (TaskRecord, bool) {
         let task = TaskSpec::new("echo", json!(null))
             .with_id(id)
             .into_task(None, &TaskDefaults::default())
             .unwrap();
-        TaskRecord::queued(&task, &NodeId::new("n").unwrap())
+        (TaskRecord::queued(&task, &NodeId::new("n").unwrap()), false)
+    }
+
+    /// A delivered task's record.
+    fn delivered(id: &str) -> (TaskRecord, bool) {
+        (record(id).0, true)
     }
 
     fn event(id: &str, body: EventBody) -> TaskEvent {
@@ -271,18 +291,18 @@ mod tests {
         let reg = Registry::new(Duration::from_secs(60), Duration::from_secs(60), 100, 10).start();
         let ok = reg
             .send(Admit {
-                records: vec![record("a"), record("b")],
+                records: vec![record("a"), delivered("b")],
             })
             .await
             .unwrap();
-        assert_eq!(ok, vec![true, true]);
+        assert_eq!(ok, vec![Admission::New, Admission::New]);
         let again = reg
             .send(Admit {
-                records: vec![record("a")],
+                records: vec![record("a"), delivered("b")],
             })
             .await
             .unwrap();
-        assert_eq!(again, vec![false]);
+        assert_eq!(again, vec![Admission::Duplicate, Admission::Again]);
 
         reg.do_send(RecordEvent(event("a", EventBody::Started { worker: 2 })));
         reg.do_send(RecordEvent(event(
@@ -303,6 +323,16 @@ mod tests {
         assert_eq!(a.worker, Some(2));
         assert_eq!(a.result, Some(json!(7)));
         assert!(a.started_at.is_some() && a.finished_at.is_some());
+        let redelivered = reg
+            .send(Admit {
+                records: vec![delivered("a")],
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            redelivered,
+            vec![Admission::Finished(TaskStatus::Completed)]
+        );
 
         let running = reg
             .send(ListTasks {

@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dispatcher_actors::{
-    handler_fn, Backoff, CancelOutcome, DispatchError, Dispatcher, DispatcherConfig, ErrorCode,
-    EventBody, EventSink, Handlers, ListFilter, NodeEvent, NodeEventBody, NodeId, Priority,
-    RestartPolicy, TaskError, TaskEvent, TaskEventName, TaskId, TaskKind, TaskSpec, TaskStatus,
+    handler_fn, Backoff, CancelOutcome, Delivery, DeliveryHandle, DispatchError, Dispatcher,
+    DispatcherConfig, ErrorCode, EventBody, EventSink, Handlers, ListFilter, NodeEvent,
+    NodeEventBody, NodeId, Priority, RestartPolicy, Settlement, SubmitOptions, TaskError,
+    TaskEvent, TaskEventName, TaskId, TaskKind, TaskSpec, TaskStatus,
 };
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -658,6 +659,174 @@ async fn shutdown_stops_tasks_still_running_at_the_timeout() {
     assert_eq!(report.interrupted, 1);
     match &until_final(&mut rx, &s.id).await.last().unwrap().body {
         EventBody::Failed { error, .. } => assert_eq!(error.code, ErrorCode::Shutdown),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A delivery that records what the Supervisor did with it.
+#[derive(Clone, Default)]
+struct Recorded {
+    keep_alives: Arc<AtomicUsize>,
+    settled: Arc<Mutex<Vec<Settlement>>>,
+}
+
+impl Delivery for Recorded {
+    fn keep_alive(&self) {
+        self.keep_alives.fetch_add(1, Ordering::SeqCst);
+    }
+    fn settle(self: Box<Self>, settlement: Settlement) {
+        self.settled.lock().unwrap().push(settlement);
+    }
+}
+
+impl Recorded {
+    async fn settled(&self) -> Settlement {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = self.settled.lock().unwrap().first() {
+                return *s;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never settled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+fn delivered_task(d: &Dispatcher, spec: TaskSpec, attempt: u32) -> dispatcher_actors::Task {
+    let mut task = d.validate(spec, None).unwrap();
+    task.attempt = attempt;
+    task
+}
+
+#[actix::test]
+async fn a_delivered_task_is_kept_alive_and_settled_when_done() {
+    let mut c = config(1);
+    c.keep_alive_interval = Duration::from_millis(10);
+    let d = Dispatcher::start(c, handlers(None), Arc::new(NodeEvents::default())).unwrap();
+    let mut rx = d.subscribe();
+    let rec = Recorded::default();
+    let task = delivered_task(&d, TaskSpec::new("sleep", json!({"ms": 60_000})), 1);
+    let id = task.id.clone();
+    d.submit_delivered(
+        task,
+        DeliveryHandle::new(rec.clone()),
+        SubmitOptions::default(),
+    )
+    .await
+    .unwrap();
+    next_named(&mut rx, &id, TaskEventName::Started).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while rec.keep_alives.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no keep-alive while running"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    d.cancel(&id).await.unwrap();
+    assert_eq!(rec.settled().await, Settlement::Done(TaskStatus::Cancelled));
+
+    // Delivered again after it finished here: settled at once, not run.
+    let again = Recorded::default();
+    let mut task = delivered_task(&d, TaskSpec::new("echo", json!(1)), 2);
+    task.id = id.clone();
+    let err = d
+        .submit_delivered(
+            task,
+            DeliveryHandle::new(again.clone()),
+            SubmitOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DispatchError::AlreadyFinished(_)));
+    assert_eq!(
+        again.settled().await,
+        Settlement::Done(TaskStatus::Cancelled)
+    );
+}
+
+#[actix::test]
+async fn a_delivered_task_retries_through_its_transport_with_the_delivery_count() {
+    let (d, _) = start(1);
+    let mut rx = d.subscribe();
+    let first = Recorded::default();
+    let task = delivered_task(
+        &d,
+        TaskSpec::new("fail", json!({"times": 1})).with_max_attempts(2),
+        1,
+    );
+    let id = task.id.clone();
+    d.submit_delivered(
+        task.clone(),
+        DeliveryHandle::new(first.clone()),
+        SubmitOptions::default(),
+    )
+    .await
+    .unwrap();
+    let retrying = next_named(&mut rx, &id, TaskEventName::Retrying).await;
+    assert_eq!(retrying.attempt, 1);
+    assert!(matches!(first.settled().await, Settlement::Retry { .. }));
+    // Nothing is kept locally: the transport owns the retry.
+    d.wait_idle().await;
+    assert_eq!(d.stats().await.unwrap().queued, 0);
+
+    // The transport delivers it again, as attempt 2: it runs and completes.
+    let second = Recorded::default();
+    let mut again = task;
+    again.attempt = 2;
+    d.submit_delivered(
+        again,
+        DeliveryHandle::new(second.clone()),
+        SubmitOptions {
+            emit_accepted: false,
+        },
+    )
+    .await
+    .unwrap();
+    let done = next_named(&mut rx, &id, TaskEventName::Completed).await;
+    assert_eq!(done.attempt, 2);
+    assert_eq!(
+        second.settled().await,
+        Settlement::Done(TaskStatus::Completed)
+    );
+}
+
+#[actix::test]
+async fn shutdown_hands_delivered_tasks_back() {
+    let (d, _) = start(1);
+    let mut rx = d.subscribe();
+    let running = Recorded::default();
+    let queued = Recorded::default();
+    let long = delivered_task(&d, TaskSpec::new("sleep", json!({"ms": 60_000})), 1);
+    let long_id = long.id.clone();
+    d.submit_delivered(
+        long,
+        DeliveryHandle::new(running.clone()),
+        SubmitOptions::default(),
+    )
+    .await
+    .unwrap();
+    next_named(&mut rx, &long_id, TaskEventName::Started).await;
+    let waiting = delivered_task(&d, TaskSpec::new("echo", json!(1)), 1);
+    d.submit_delivered(
+        waiting,
+        DeliveryHandle::new(queued.clone()),
+        SubmitOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(*d.room().borrow(), d.config().queue_capacity() - 1);
+
+    let report = d.shutdown(Duration::from_millis(20)).await;
+    assert_eq!((report.unstarted, report.interrupted), (1, 1));
+    assert_eq!(queued.settled().await, Settlement::Release);
+    assert_eq!(running.settled().await, Settlement::Release);
+    let handed_back = next_named(&mut rx, &long_id, TaskEventName::Retrying).await;
+    match handed_back.body {
+        EventBody::Retrying { error, retry_in_ms } => {
+            assert_eq!(error.code, ErrorCode::Shutdown);
+            assert_eq!(retry_in_ms, 0);
+        }
         other => panic!("{other:?}"),
     }
 }
