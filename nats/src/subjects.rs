@@ -1,0 +1,202 @@
+//! Every NATS subject, stream, bucket, queue-group and header name the
+//! dispatcher uses, built from one prefix. Nothing else in the workspace
+//! spells a subject.
+
+use dispatcher_actors::task::is_token;
+use dispatcher_actors::{NodeEventName, Priority, TaskEventName};
+
+/// Queue group of the submit gateway and core-mode ingest.
+pub const QUEUE_GROUP: &str = "dispatchers";
+/// Name of the control API's micro service.
+pub const SERVICE_NAME: &str = "dispatch";
+/// JetStream stream that holds the task queue (default prefix).
+pub const STREAM_TASKS: &str = "DISPATCH_TASKS";
+/// KV bucket of task records (default prefix).
+pub const KV_BUCKET: &str = "dispatch_tasks";
+/// Header naming the body's format.
+pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
+/// JetStream's de-duplication header.
+pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+/// Content type of JSON bodies (the default).
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+/// Content type of bincode bodies.
+pub const CONTENT_TYPE_BINCODE: &str = "application/x-bincode";
+
+/// The control API's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ApiEndpoint {
+    /// One task's record.
+    Status,
+    /// Cancel a task.
+    Cancel,
+    /// Records by status and kind.
+    List,
+    /// The error list.
+    Errors,
+    /// Counters and gauges.
+    Stats,
+}
+
+impl ApiEndpoint {
+    /// Every endpoint.
+    pub const ALL: [ApiEndpoint; 5] = [
+        ApiEndpoint::Status,
+        ApiEndpoint::Cancel,
+        ApiEndpoint::List,
+        ApiEndpoint::Errors,
+        ApiEndpoint::Stats,
+    ];
+
+    /// The endpoint's name (last subject token).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiEndpoint::Status => "status",
+            ApiEndpoint::Cancel => "cancel",
+            ApiEndpoint::List => "list",
+            ApiEndpoint::Errors => "errors",
+            ApiEndpoint::Stats => "stats",
+        }
+    }
+}
+
+/// A prefix that is not a dot-separated list of `[A-Za-z0-9_-]+` tokens.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid subject prefix {0:?}: use dot-separated tokens of A-Z, a-z, 0-9, `_` or `-`")]
+pub struct InvalidPrefix(pub String);
+
+/// Builds every subject from the prefix (`dispatch` by default).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self {
+            prefix: "dispatch".to_owned(),
+        }
+    }
+}
+
+impl Subjects {
+    /// Subjects under `prefix`.
+    pub fn new(prefix: &str) -> Result<Self, InvalidPrefix> {
+        if prefix.split('.').all(|t| is_token(t, 64)) {
+            Ok(Self {
+                prefix: prefix.to_owned(),
+            })
+        } else {
+            Err(InvalidPrefix(prefix.to_owned()))
+        }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<p>.submit.<kind>`
+    pub fn submit(&self, kind: &str) -> String {
+        format!("{}.submit.{kind}", self.prefix)
+    }
+
+    /// `<p>.submit.*`: every submit subject.
+    pub fn submit_any(&self) -> String {
+        format!("{}.submit.*", self.prefix)
+    }
+
+    /// `<p>.tasks.<kind>.<priority>`
+    pub fn task(&self, kind: &str, priority: Priority) -> String {
+        format!("{}.tasks.{kind}.{}", self.prefix, priority.as_str())
+    }
+
+    /// `<p>.tasks.*.*`: every task queue subject.
+    pub fn tasks_any(&self) -> String {
+        format!("{}.tasks.*.*", self.prefix)
+    }
+
+    /// `<p>.events.<kind>.<id>.<event>`
+    pub fn event(&self, kind: &str, id: &str, event: TaskEventName) -> String {
+        format!("{}.events.{kind}.{id}.{}", self.prefix, event.as_str())
+    }
+
+    /// `<p>.events.>`: every task event.
+    pub fn events_any(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+
+    /// `<p>.events.*.<id>.*`: every event of one task.
+    pub fn task_events(&self, id: &str) -> String {
+        format!("{}.events.*.{id}.*", self.prefix)
+    }
+
+    /// `<p>.nodes.<node>.<event>`
+    pub fn node_event(&self, node: &str, event: NodeEventName) -> String {
+        format!("{}.nodes.{node}.{}", self.prefix, event.as_str())
+    }
+
+    /// `<p>.nodes.>`: every node event.
+    pub fn nodes_any(&self) -> String {
+        format!("{}.nodes.>", self.prefix)
+    }
+
+    /// `<p>.metrics.<node>`
+    pub fn metrics(&self, node: &str) -> String {
+        format!("{}.metrics.{node}", self.prefix)
+    }
+
+    /// `<p>.api.<endpoint>`
+    pub fn api(&self, endpoint: ApiEndpoint) -> String {
+        format!("{}.api.{}", self.prefix, endpoint.as_str())
+    }
+
+    /// The token at `index` (0-based, after the prefix) of `subject`, if it
+    /// is under this prefix: `kind` of a submit subject is token 1.
+    pub fn token<'a>(&self, subject: &'a str, index: usize) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('.')?
+            .split('.')
+            .nth(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_the_protocol_subjects() {
+        let s = Subjects::default();
+        assert_eq!(s.submit("echo"), "dispatch.submit.echo");
+        assert_eq!(s.submit_any(), "dispatch.submit.*");
+        assert_eq!(s.task("echo", Priority::High), "dispatch.tasks.echo.high");
+        assert_eq!(s.tasks_any(), "dispatch.tasks.*.*");
+        assert_eq!(
+            s.event("echo", "t1", TaskEventName::TimedOut),
+            "dispatch.events.echo.t1.timed_out"
+        );
+        assert_eq!(s.events_any(), "dispatch.events.>");
+        assert_eq!(s.task_events("t1"), "dispatch.events.*.t1.*");
+        assert_eq!(
+            s.node_event("n1", NodeEventName::WorkerRestarted),
+            "dispatch.nodes.n1.worker_restarted"
+        );
+        assert_eq!(s.nodes_any(), "dispatch.nodes.>");
+        assert_eq!(s.metrics("n1"), "dispatch.metrics.n1");
+        assert_eq!(s.api(ApiEndpoint::Stats), "dispatch.api.stats");
+    }
+
+    #[test]
+    fn prefixes_are_checked_and_tokens_read_back() {
+        let s = Subjects::new("acme.jobs").unwrap();
+        assert_eq!(s.submit("echo"), "acme.jobs.submit.echo");
+        assert_eq!(s.token("acme.jobs.tasks.echo.low", 1), Some("echo"));
+        assert_eq!(s.token("acme.jobs.tasks.echo.low", 2), Some("low"));
+        assert_eq!(s.token("other.tasks.echo.low", 1), None);
+        assert!(Subjects::new("").is_err());
+        assert!(Subjects::new("a..b").is_err());
+        assert!(Subjects::new("a.*").is_err());
+        assert!(Subjects::new("a b").is_err());
+    }
+}
