@@ -1,0 +1,435 @@
+//! The wire format of submissions: [`Codec::Json`] (the default) or
+//! [`Codec::Bincode`], picked from the `Content-Type` header, and the
+//! checks every body passes before it is read as a task — size, UTF-8,
+//! nesting depth — each failing with the protocol's error code.
+
+use dispatcher_actors::{ErrorCode, ErrorInfo, TaskSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::subjects::{CONTENT_TYPE_BINCODE, CONTENT_TYPE_JSON};
+
+/// Limits on a body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest body, in bytes (default 1 MiB).
+    pub max_payload: usize,
+    /// Deepest JSON nesting (default 64).
+    pub max_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload: 1024 * 1024,
+            max_depth: 64,
+        }
+    }
+}
+
+/// Why a body could not be read as a task.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The `Content-Type` is neither JSON nor bincode.
+    #[error("unsupported content type `{0}`; use application/json or application/x-bincode")]
+    UnsupportedContentType(String),
+    /// The body is over the size limit.
+    #[error("body is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// The body's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The body is not UTF-8.
+    #[error("body is not valid UTF-8")]
+    NotUtf8,
+    /// The body nests deeper than the limit.
+    #[error("JSON nested deeper than {0} levels")]
+    TooDeep(usize),
+    /// Not JSON at all.
+    #[error("invalid JSON: {0}")]
+    Json(serde_json::Error),
+    /// JSON, but not an object or an array of objects.
+    #[error("the body must be a JSON object (one task) or an array (a batch), got {0}")]
+    NotAnObject(&'static str),
+    /// A field has the wrong type.
+    #[error("{field}: {message}")]
+    Field {
+        /// The field's path.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Not a bincode task.
+    #[error("invalid bincode body: {0}")]
+    Bincode(String),
+}
+
+impl CodecError {
+    /// The protocol's error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CodecError::UnsupportedContentType(_) => ErrorCode::UnsupportedContentType,
+            CodecError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+            CodecError::NotUtf8
+            | CodecError::TooDeep(_)
+            | CodecError::Json(_)
+            | CodecError::NotAnObject(_)
+            | CodecError::Bincode(_) => ErrorCode::InvalidJson,
+            CodecError::Field { .. } => ErrorCode::InvalidField,
+        }
+    }
+
+    /// The wire `error` object.
+    pub fn to_info(&self) -> ErrorInfo {
+        match self {
+            CodecError::Field { field, .. } => {
+                ErrorInfo::field(self.code(), field.clone(), self.to_string())
+            }
+            other => ErrorInfo::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+/// A decoded submission: one task, or a batch whose elements are decoded
+/// one by one (a bad element fails alone).
+#[derive(Debug)]
+pub enum Decoded {
+    /// An object body.
+    One(Box<TaskSpec>),
+    /// An array body.
+    Batch(Vec<Result<TaskSpec, CodecError>>),
+}
+
+/// The body formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// UTF-8 JSON (no `Content-Type`, or `application/json`).
+    Json,
+    /// bincode v2, standard configuration, of [`BincodeTask`].
+    Bincode,
+}
+
+impl Codec {
+    /// Picks the codec from a `Content-Type` header value (parameters such
+    /// as `; charset=utf-8` are ignored).
+    pub fn from_content_type(value: Option<&str>) -> Result<Self, CodecError> {
+        let Some(value) = value else {
+            return Ok(Codec::Json);
+        };
+        let mime = value.split(';').next().unwrap_or("").trim();
+        match mime.to_ascii_lowercase().as_str() {
+            "" | CONTENT_TYPE_JSON => Ok(Codec::Json),
+            CONTENT_TYPE_BINCODE => Ok(Codec::Bincode),
+            _ => Err(CodecError::UnsupportedContentType(value.to_owned())),
+        }
+    }
+
+    /// Checks and decodes a submission body.
+    pub fn decode(self, body: &[u8], limits: &Limits) -> Result<Decoded, CodecError> {
+        if body.len() > limits.max_payload {
+            return Err(CodecError::TooLarge {
+                size: body.len(),
+                limit: limits.max_payload,
+            });
+        }
+        match self {
+            Codec::Json => decode_json(body, limits),
+            Codec::Bincode => {
+                let (task, _): (BincodeTask, usize) =
+                    bincode::serde::decode_from_slice(body, bincode::config::standard())
+                        .map_err(|e| CodecError::Bincode(e.to_string()))?;
+                task.into_spec().map(|s| Decoded::One(Box::new(s)))
+            }
+        }
+    }
+}
+
+fn decode_json(body: &[u8], limits: &Limits) -> Result<Decoded, CodecError> {
+    let text = std::str::from_utf8(body).map_err(|_| CodecError::NotUtf8)?;
+    if nesting_depth(text) > limits.max_depth {
+        return Err(CodecError::TooDeep(limits.max_depth));
+    }
+    let value: serde_json::Value = serde_json::from_str(text).map_err(CodecError::Json)?;
+    match value {
+        serde_json::Value::Object(_) => spec_from_value(value).map(|s| Decoded::One(Box::new(s))),
+        serde_json::Value::Array(items) => Ok(Decoded::Batch(
+            items
+                .into_iter()
+                .map(|item| match item {
+                    serde_json::Value::Object(_) => spec_from_value(item),
+                    other => Err(CodecError::NotAnObject(json_type(&other))),
+                })
+                .collect(),
+        )),
+        other => Err(CodecError::NotAnObject(json_type(&other))),
+    }
+}
+
+fn spec_from_value(value: serde_json::Value) -> Result<TaskSpec, CodecError> {
+    serde_path_to_error::deserialize(value).map_err(|e| CodecError::Field {
+        field: e.path().to_string(),
+        message: e.inner().to_string(),
+    })
+}
+
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The deepest nesting of `[` and `{` in JSON text (strings skipped).
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// The bincode form of a task: the JSON form's fields, with the payload as
+/// the bytes of its JSON text (bincode cannot carry a schemaless value) and
+/// `backoff` flattened into three options.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BincodeTask {
+    /// Client-given id.
+    pub id: Option<String>,
+    /// Kind; must equal the subject's.
+    pub kind: Option<String>,
+    /// The payload's JSON text (empty means `null`).
+    pub payload: Vec<u8>,
+    /// Priority name.
+    pub priority: Option<String>,
+    /// Per-attempt timeout.
+    pub timeout_ms: Option<u64>,
+    /// Attempts in all.
+    pub max_attempts: Option<u32>,
+    /// Backoff: first delay.
+    pub backoff_initial_ms: Option<u64>,
+    /// Backoff: largest delay.
+    pub backoff_max_ms: Option<u64>,
+    /// Backoff: growth.
+    pub backoff_multiplier: Option<f64>,
+    /// Free-form labels.
+    pub tags: Option<Vec<(String, String)>>,
+}
+
+impl BincodeTask {
+    /// The bincode form of `spec`.
+    pub fn from_spec(spec: &TaskSpec) -> Self {
+        let backoff = spec.backoff.clone().unwrap_or_default();
+        Self {
+            id: spec.id.clone(),
+            kind: spec.kind.clone(),
+            payload: serde_json::to_vec(&spec.payload).unwrap_or_default(),
+            priority: spec.priority.clone(),
+            timeout_ms: spec.timeout_ms,
+            max_attempts: spec.max_attempts,
+            backoff_initial_ms: backoff.initial_ms,
+            backoff_max_ms: backoff.max_ms,
+            backoff_multiplier: backoff.multiplier,
+            tags: spec
+                .tags
+                .as_ref()
+                .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+        }
+    }
+
+    /// Encodes it.
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .expect("encoding plain structs into a Vec cannot fail")
+    }
+
+    fn into_spec(self) -> Result<TaskSpec, CodecError> {
+        let payload = if self.payload.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&self.payload).map_err(|e| CodecError::Field {
+                field: "payload".into(),
+                message: format!("payload bytes are not JSON text: {e}"),
+            })?
+        };
+        let backoff = (self.backoff_initial_ms.is_some()
+            || self.backoff_max_ms.is_some()
+            || self.backoff_multiplier.is_some())
+        .then_some(dispatcher_actors::BackoffSpec {
+            initial_ms: self.backoff_initial_ms,
+            max_ms: self.backoff_max_ms,
+            multiplier: self.backoff_multiplier,
+        });
+        Ok(TaskSpec {
+            id: self.id,
+            kind: self.kind,
+            payload,
+            priority: self.priority,
+            timeout_ms: self.timeout_ms,
+            max_attempts: self.max_attempts,
+            backoff,
+            tags: self.tags.map(|t| t.into_iter().collect()),
+            ..TaskSpec::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn decode(body: &[u8]) -> Result<Decoded, CodecError> {
+        Codec::Json.decode(body, &Limits::default())
+    }
+
+    fn one(body: &[u8]) -> TaskSpec {
+        match decode(body).unwrap() {
+            Decoded::One(s) => *s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_an_object_and_a_batch() {
+        let s = one(br#"{"id":"a","payload":{"x":1},"priority":"high"}"#);
+        assert_eq!(s.id.as_deref(), Some("a"));
+        assert_eq!(s.payload, json!({"x": 1}));
+        match decode(br#"[{"id":"a"}, 5, {"priority": 5}]"#).unwrap() {
+            Decoded::Batch(items) => {
+                assert!(items[0].is_ok());
+                assert_eq!(
+                    items[1].as_ref().unwrap_err().code(),
+                    ErrorCode::InvalidJson
+                );
+                assert_eq!(
+                    items[2].as_ref().unwrap_err().code(),
+                    ErrorCode::InvalidField
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_bad_body_gets_its_code() {
+        let cases: Vec<(&[u8], ErrorCode, Option<&str>)> = vec![
+            (b"{not json", ErrorCode::InvalidJson, None),
+            (b"42", ErrorCode::InvalidJson, None),
+            (br#""x""#, ErrorCode::InvalidJson, None),
+            (
+                br#"{"priority": 5}"#,
+                ErrorCode::InvalidField,
+                Some("priority"),
+            ),
+            (
+                br#"{"timeout_ms": "x"}"#,
+                ErrorCode::InvalidField,
+                Some("timeout_ms"),
+            ),
+            (
+                br#"{"backoff": {"multiplier": "x"}}"#,
+                ErrorCode::InvalidField,
+                Some("backoff.multiplier"),
+            ),
+            (b"{\"id\": \"\xff\"}", ErrorCode::InvalidJson, None),
+        ];
+        for (body, code, field) in cases {
+            let err = decode(body).unwrap_err();
+            assert_eq!(err.code(), code, "{}", String::from_utf8_lossy(body));
+            assert_eq!(err.to_info().field.as_deref(), field, "{err}");
+        }
+    }
+
+    #[test]
+    fn size_and_depth_are_bounded() {
+        let limits = Limits {
+            max_payload: 10,
+            max_depth: 3,
+        };
+        let err = Codec::Json.decode(&[b' '; 11], &limits).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::PayloadTooLarge);
+        let deep = br#"{"payload": [[[1]]]}"#;
+        let limits = Limits {
+            max_payload: 1000,
+            max_depth: 3,
+        };
+        assert_eq!(
+            Codec::Json.decode(deep, &limits).unwrap_err().code(),
+            ErrorCode::InvalidJson
+        );
+        // Brackets inside strings do not count.
+        assert!(Codec::Json
+            .decode(br#"{"payload": "[[[[[[\"]]"}"#, &limits)
+            .is_ok());
+    }
+
+    #[test]
+    fn content_types_pick_the_codec() {
+        assert_eq!(Codec::from_content_type(None).unwrap(), Codec::Json);
+        assert_eq!(
+            Codec::from_content_type(Some("application/json; charset=utf-8")).unwrap(),
+            Codec::Json
+        );
+        assert_eq!(
+            Codec::from_content_type(Some("application/x-bincode")).unwrap(),
+            Codec::Bincode
+        );
+        let err = Codec::from_content_type(Some("text/xml")).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::UnsupportedContentType);
+    }
+
+    #[test]
+    fn bincode_round_trips_a_task() {
+        let spec = TaskSpec::new("echo", json!({"deep": [1, {"a": null}]}))
+            .with_id("b1")
+            .with_timeout_ms(5)
+            .with_backoff(dispatcher_actors::Backoff {
+                initial_ms: 1,
+                max_ms: 2,
+                multiplier: 1.5,
+            });
+        let bytes = BincodeTask::from_spec(&spec).encode();
+        match Codec::Bincode.decode(&bytes, &Limits::default()).unwrap() {
+            Decoded::One(back) => assert_eq!(*back, spec),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            Codec::Bincode
+                .decode(b"\xff\xff", &Limits::default())
+                .unwrap_err()
+                .code(),
+            ErrorCode::InvalidJson
+        );
+    }
+
+    #[test]
+    fn json_round_trips_a_task() {
+        let spec = TaskSpec::new("echo", json!([1, 2]))
+            .with_id("j1")
+            .with_max_attempts(2);
+        let text = serde_json::to_vec(&spec).unwrap();
+        assert_eq!(one(&text), spec);
+    }
+}
