@@ -2,17 +2,28 @@
 //!
 //! # Layout
 //!
+//! - [`node`]: a whole node, the binary's entry point.
+//! - [`publisher`]: the event sink that publishes to NATS.
 //! - [`subjects`]: every subject, stream, bucket and header name, from one prefix.
+//! - [`wire`]: reply bodies.
 //! - [`codec`]: JSON and bincode bodies, checked against the limits.
+//! - [`gateway`]: the submit gateway.
+//! - [`ingest`]: tasks published straight onto the queue.
 //! - [`local_server`]: a private `nats-server` for tests and the demo.
 //!
-//! The submit gateway, ingest, event publisher, control service and client
-//! are not built yet (see the open issue).
+//! Mode `core` only; the control API service, the typed client and
+//! JetStream mode are not built yet.
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod gateway;
+pub mod ingest;
 pub mod local_server;
+pub mod node;
+pub mod publisher;
 pub mod subjects;
+pub mod wire;
 
 pub use local_server::{LocalServer, LocalServerError};
+pub use node::{Mode, Node, NodeError, NodeOptions};
 pub use subjects::{ApiEndpoint, Subjects};

@@ -1,0 +1,245 @@
+//! [`Node`]: one dispatcher node on NATS — the Dispatcher's actors, the
+//! event publisher, the submit gateway, ingest, and the `online`,
+//! `heartbeat`, metrics and `offline` announcements. The binary's one
+//! entry point into this crate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatcher_actors::{
+    ConfigError, Dispatcher, DispatcherConfig, EventSink, Handlers, NodeEvent, NodeEventBody,
+    NodeId, ShutdownReport,
+};
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::codec::Limits;
+use crate::publisher::Publisher;
+use crate::subjects::{InvalidPrefix, Subjects};
+use crate::{gateway, ingest};
+
+/// How tasks reach the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Queue-group subscription: at most once, lowest latency.
+    Core,
+    /// JetStream pull consumers: at least once (not built yet).
+    JetStream,
+}
+
+impl Mode {
+    /// The mode's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Core => "core",
+            Mode::JetStream => "jetstream",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "core" => Ok(Mode::Core),
+            "jetstream" => Ok(Mode::JetStream),
+            other => Err(format!("unknown mode {other:?}: use core or jetstream")),
+        }
+    }
+}
+
+/// The node's NATS-side settings.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Subject prefix (`dispatch`).
+    pub prefix: String,
+    /// Delivery mode.
+    pub mode: Mode,
+    /// Body size and JSON depth limits.
+    pub limits: Limits,
+    /// Events waiting to be published, at most (10 000).
+    pub event_buffer: usize,
+    /// Interval of `heartbeat` events and metrics snapshots (5 s).
+    pub heartbeat_interval: Duration,
+    /// How long running tasks may take to finish at shutdown (30 s).
+    pub shutdown_timeout: Duration,
+    /// Submit requests processed at once (256).
+    pub max_inflight_requests: usize,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            prefix: "dispatch".to_owned(),
+            mode: Mode::Core,
+            limits: Limits::default(),
+            event_buffer: 10_000,
+            heartbeat_interval: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+            max_inflight_requests: 256,
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A configuration value is out of bounds.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The subject prefix is not valid.
+    #[error(transparent)]
+    Prefix(#[from] InvalidPrefix),
+    /// The mode is not available.
+    #[error("mode {0} is not supported yet; run with --mode core")]
+    Unsupported(&'static str),
+    /// A subscription failed.
+    #[error("subscribing: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    /// Flushing to the server failed.
+    #[error("talking to the NATS server: {0}")]
+    Flush(#[from] async_nats::client::FlushError),
+}
+
+/// A running node.
+pub struct Node {
+    client: async_nats::Client,
+    dispatcher: Dispatcher,
+    publisher: Publisher,
+    subjects: Subjects,
+    options: NodeOptions,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts a node inside a running actix System and publishes `online`
+    /// once it takes tasks.
+    pub async fn start(
+        client: async_nats::Client,
+        config: DispatcherConfig,
+        handlers: Handlers,
+        options: NodeOptions,
+    ) -> Result<Node, NodeError> {
+        if options.mode == Mode::JetStream {
+            return Err(NodeError::Unsupported(Mode::JetStream.as_str()));
+        }
+        let subjects = Subjects::new(&options.prefix)?;
+        let publisher = Publisher::start(client.clone(), subjects.clone(), options.event_buffer);
+        let dispatcher = Dispatcher::start(config, handlers, Arc::new(publisher.clone()))?;
+        let limits = options.limits;
+        let gateway = gateway::start(
+            client.clone(),
+            subjects.clone(),
+            dispatcher.clone(),
+            limits,
+            options.max_inflight_requests,
+        )
+        .await?;
+        let ingest =
+            ingest::start_core(client.clone(), subjects.clone(), dispatcher.clone(), limits)
+                .await?;
+        let heartbeat = tokio::spawn(heartbeats(
+            dispatcher.clone(),
+            publisher.clone(),
+            subjects.clone(),
+            options.heartbeat_interval,
+        ));
+        client.flush().await?;
+        let node = dispatcher.node().clone();
+        publisher.node_event(&NodeEvent::now(
+            node.clone(),
+            NodeEventBody::Online {
+                workers: dispatcher.config().workers,
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                kinds: dispatcher.kinds(),
+            },
+        ));
+        info!(node = %node, mode = options.mode.as_str(), prefix = subjects.prefix(), "Node online.");
+        Ok(Node {
+            client,
+            dispatcher,
+            publisher,
+            subjects,
+            options,
+            tasks: vec![gateway, ingest, heartbeat],
+        })
+    }
+
+    /// The node's Dispatcher.
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &NodeId {
+        self.dispatcher.node()
+    }
+
+    /// The node's subjects.
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// Events dropped because the publisher's buffer was full.
+    pub fn dropped_events(&self) -> u64 {
+        self.publisher.dropped()
+    }
+
+    /// Stops taking work, lets running tasks finish within the shutdown
+    /// timeout, publishes `offline` and flushes.
+    pub async fn shutdown(self) -> ShutdownReport {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let report = self
+            .dispatcher
+            .shutdown(self.options.shutdown_timeout)
+            .await;
+        self.publisher.node_event(&NodeEvent::now(
+            self.dispatcher.node().clone(),
+            NodeEventBody::Offline {
+                reason: "shutdown".to_owned(),
+            },
+        ));
+        // Let the publisher drain before the flush.
+        tokio::task::yield_now().await;
+        let _ = self.client.flush().await;
+        info!(node = %self.dispatcher.node(), "Node offline.");
+        report
+    }
+}
+
+async fn heartbeats(
+    dispatcher: Dispatcher,
+    publisher: Publisher,
+    subjects: Subjects,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let (Ok(workers), Ok(stats)) = (dispatcher.workers().await, dispatcher.stats().await)
+        else {
+            return;
+        };
+        let node = dispatcher.node().clone();
+        publisher.node_event(&NodeEvent::now(
+            node.clone(),
+            NodeEventBody::Heartbeat {
+                workers,
+                queued: stats.queued as usize,
+                running: stats.running as usize,
+            },
+        ));
+        let snapshot = json!({
+            "node": node,
+            "ts": dispatcher_actors::Timestamp::now(),
+            "stats": stats,
+            "dropped_events": publisher.dropped(),
+        });
+        publisher.send(subjects.metrics(node.as_str()), snapshot.to_string().into());
+    }
+}

@@ -1,0 +1,264 @@
+//! A core-mode node against a real nats-server, driven as a foreign client
+//! would: subjects spelled out, JSON by hand. Every wait has a deadline.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use dispatcher_actors::{handler_fn, DispatcherConfig, Handlers, NodeId, TaskKind};
+use dispatcher_nats::codec::Limits;
+use dispatcher_nats::{LocalServer, Node, NodeOptions};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+async fn start_node(server: &LocalServer, prefix: &str) -> (async_nats::Client, Node) {
+    let mut handlers = Handlers::new();
+    handlers.insert(
+        TaskKind::new("echo").unwrap(),
+        handler_fn(|_ctx, p| async move { Ok(p) }),
+    );
+    let mut config = DispatcherConfig::new(NodeId::new("node-1").unwrap());
+    config.workers = 2;
+    let options = NodeOptions {
+        prefix: prefix.to_owned(),
+        limits: Limits {
+            max_payload: 2048,
+            max_depth: 8,
+        },
+        heartbeat_interval: Duration::from_millis(50),
+        shutdown_timeout: Duration::from_secs(5),
+        ..NodeOptions::default()
+    };
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let node = Node::start(nats, config, handlers, options).await.unwrap();
+    (async_nats::connect(server.url()).await.unwrap(), node)
+}
+
+async fn request(client: &async_nats::Client, subject: &str, body: &[u8]) -> Value {
+    let msg = tokio::time::timeout(
+        DEADLINE,
+        client.request(subject.to_owned(), body.to_vec().into()),
+    )
+    .await
+    .expect("reply within 10 s")
+    .expect("request");
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
+async fn next_json(sub: &mut async_nats::Subscriber) -> (String, Value) {
+    let msg = tokio::time::timeout(DEADLINE, sub.next())
+        .await
+        .expect("message within 10 s")
+        .unwrap();
+    (
+        msg.subject.to_string(),
+        serde_json::from_slice(&msg.payload).unwrap(),
+    )
+}
+
+#[actix::test]
+async fn a_submitted_task_is_answered_and_its_events_published() {
+    let server = LocalServer::start().unwrap();
+    let (client, node) = start_node(&server, "dispatch").await;
+    let mut events = client.subscribe("dispatch.events.*.job-1.*").await.unwrap();
+    client.flush().await.unwrap();
+
+    let reply = request(
+        &client,
+        "dispatch.submit.echo",
+        br#"{"id":"job-1","payload":{"n":7},"priority":"high"}"#,
+    )
+    .await;
+    assert_eq!(
+        reply,
+        json!({"ok": true, "id": "job-1", "kind": "echo", "priority": "high"})
+    );
+
+    let mut names = Vec::new();
+    loop {
+        let (subject, e) = next_json(&mut events).await;
+        let name = e["event"].as_str().unwrap().to_owned();
+        assert_eq!(subject, format!("dispatch.events.echo.job-1.{name}"));
+        for field in ["task_id", "kind", "status", "attempt", "node", "ts"] {
+            assert!(e.get(field).is_some(), "{name} lacks {field}: {e}");
+        }
+        assert_eq!(e["node"], "node-1");
+        names.push(name.clone());
+        if name == "completed" {
+            assert_eq!(e["result"], json!({"n": 7}));
+            assert!(e["duration_ms"].is_u64());
+            break;
+        }
+    }
+    assert_eq!(names, ["accepted", "started", "completed"]);
+
+    let generated = request(&client, "dispatch.submit.echo", br#"{"payload":1}"#).await;
+    let id = generated["id"].as_str().unwrap();
+    assert_eq!(uuid_version(id), Some('7'), "{id}");
+    node.shutdown().await;
+}
+
+fn uuid_version(id: &str) -> Option<char> {
+    (id.len() == 36).then(|| id.chars().nth(14)).flatten()
+}
+
+#[actix::test]
+async fn bad_input_gets_a_clear_error_and_a_rejected_event_and_the_node_goes_on() {
+    let server = LocalServer::start().unwrap();
+    let (client, node) = start_node(&server, "p2").await;
+    let mut rejected = client.subscribe("p2.events.*.*.rejected").await.unwrap();
+    client.flush().await.unwrap();
+
+    let big = format!(r#"{{"payload":"{}"}}"#, "x".repeat(4096));
+    let deep = format!(r#"{{"payload":{}1{}}}"#, "[".repeat(20), "]".repeat(20));
+    let cases: Vec<(Vec<u8>, &str, Option<&str>)> = vec![
+        (b"{oops".to_vec(), "invalid_json", None),
+        (b"42".to_vec(), "invalid_json", None),
+        (
+            br#"{"priority": 5}"#.to_vec(),
+            "invalid_field",
+            Some("priority"),
+        ),
+        (
+            br#"{"timeout_ms": "x"}"#.to_vec(),
+            "invalid_field",
+            Some("timeout_ms"),
+        ),
+        (
+            br#"{"priority": "urgent"}"#.to_vec(),
+            "invalid_field",
+            Some("priority"),
+        ),
+        (
+            br#"{"timeout_ms": 0}"#.to_vec(),
+            "invalid_field",
+            Some("timeout_ms"),
+        ),
+        (
+            br#"{"max_attempts": 101}"#.to_vec(),
+            "invalid_field",
+            Some("max_attempts"),
+        ),
+        (br#"{"id": "a b"}"#.to_vec(), "invalid_field", Some("id")),
+        (
+            br#"{"kind": "other"}"#.to_vec(),
+            "kind_mismatch",
+            Some("kind"),
+        ),
+        (big.into_bytes(), "payload_too_large", None),
+        (b"{\"id\":\"\xff\"}".to_vec(), "invalid_json", None),
+        (deep.into_bytes(), "invalid_json", None),
+    ];
+    for (body, code, field) in cases {
+        let reply = request(&client, "p2.submit.echo", &body).await;
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert_eq!(reply["error"]["code"], code, "{reply}");
+        assert_eq!(reply["error"]["field"].as_str(), field, "{reply}");
+        assert!(!reply["error"]["message"].as_str().unwrap().is_empty());
+        let (_, event) = next_json(&mut rejected).await;
+        assert_eq!(event["error"]["code"], code);
+        assert!(event["status"].is_null());
+    }
+
+    let mut headers = HeaderMap::new();
+    headers.insert("Content-Type", "text/xml");
+    let msg = tokio::time::timeout(
+        DEADLINE,
+        client.request_with_headers("p2.submit.echo", headers, "<task/>".into()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let reply: Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(reply["error"]["code"], "unsupported_content_type");
+
+    request(&client, "p2.submit.echo", br#"{"id": "dup"}"#).await;
+    let dup = request(&client, "p2.submit.echo", br#"{"id": "dup"}"#).await;
+    assert_eq!(dup["error"]["code"], "duplicate_id");
+
+    let batch = request(
+        &client,
+        "p2.submit.echo",
+        br#"[{"id": "b1"}, {"priority": 5}, {"id": "b3"}]"#,
+    )
+    .await;
+    assert_eq!(batch["ok"], true);
+    let results = batch["results"].as_array().unwrap();
+    assert_eq!(results[0]["id"], "b1");
+    assert_eq!(results[1]["error"]["field"], "priority");
+    assert_eq!(results[2]["id"], "b3");
+
+    let fine = request(
+        &client,
+        "p2.submit.echo",
+        br#"{"payload": "still serving"}"#,
+    )
+    .await;
+    assert_eq!(fine["ok"], true);
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn tasks_published_onto_the_queue_run_and_the_subject_is_authoritative() {
+    let server = LocalServer::start().unwrap();
+    let (client, node) = start_node(&server, "p3").await;
+    let mut events = client.subscribe("p3.events.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    client
+        .publish(
+            "p3.tasks.echo.low",
+            br#"{"id": "q1", "payload": 5}"#.to_vec().into(),
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while !seen.contains(&"completed".to_owned()) {
+        let (_, e) = next_json(&mut events).await;
+        if e["task_id"] == "q1" {
+            if e["event"] == "accepted" {
+                assert_eq!(e["priority"], "low");
+            }
+            seen.push(e["event"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(seen.iter().filter(|n| *n == "accepted").count(), 1);
+
+    let mismatch = request(&client, "p3.tasks.echo.low", br#"{"priority": "high"}"#).await;
+    assert_eq!(mismatch["error"]["code"], "invalid_field");
+    assert_eq!(mismatch["error"]["field"], "priority");
+    let wrong_kind = request(&client, "p3.tasks.echo.low", br#"{"kind": "sleep"}"#).await;
+    assert_eq!(wrong_kind["error"]["code"], "kind_mismatch");
+    let bad_priority = request(&client, "p3.tasks.echo.urgent", br#"{}"#).await;
+    assert_eq!(bad_priority["error"]["code"], "invalid_field");
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn a_node_announces_itself_beats_and_says_goodbye() {
+    let server = LocalServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut nodes = client.subscribe("p4.nodes.>").await.unwrap();
+    let mut metrics = client.subscribe("p4.metrics.node-1").await.unwrap();
+    client.flush().await.unwrap();
+    let (_, node) = start_node(&server, "p4").await;
+
+    let (subject, online) = next_json(&mut nodes).await;
+    assert_eq!(subject, "p4.nodes.node-1.online");
+    assert_eq!(online["workers"], 2);
+    assert_eq!(online["kinds"], json!(["echo"]));
+    let (subject, beat) = next_json(&mut nodes).await;
+    assert_eq!(subject, "p4.nodes.node-1.heartbeat");
+    assert_eq!(beat["workers"].as_array().unwrap().len(), 2);
+    let (_, snapshot) = next_json(&mut metrics).await;
+    assert!(snapshot["stats"]["workers"].is_u64());
+
+    node.shutdown().await;
+    loop {
+        let (subject, _) = next_json(&mut nodes).await;
+        if subject == "p4.nodes.node-1.offline" {
+            break;
+        }
+    }
+}
