@@ -4,6 +4,7 @@
 //!
 //! - [`node`]: a whole node, the binary's entry point.
 //! - [`publisher`]: the event sink that publishes to NATS.
+//! - [`service`]: the control API, as the micro service `dispatch`.
 //! - [`subjects`]: every subject, stream, bucket and header name, from one prefix.
 //! - [`wire`]: reply bodies.
 //! - [`codec`]: JSON and bincode bodies, checked against the limits.
@@ -11,8 +12,7 @@
 //! - [`ingest`]: tasks published straight onto the queue.
 //! - [`local_server`]: a private `nats-server` for tests and the demo.
 //!
-//! Mode `core` only; the control API service, the typed client and
-//! JetStream mode are not built yet.
+//! Mode `core` only; the typed client and JetStream mode are not built yet.
 #![warn(missing_docs)]
 
 pub mod codec;
@@ -21,6 +21,7 @@ pub mod ingest;
 pub mod local_server;
 pub mod node;
 pub mod publisher;
+pub mod service;
 pub mod subjects;
 pub mod wire;
 

@@ -17,7 +17,7 @@ use tracing::info;
 use crate::codec::Limits;
 use crate::publisher::Publisher;
 use crate::subjects::{InvalidPrefix, Subjects};
-use crate::{gateway, ingest};
+use crate::{gateway, ingest, service};
 
 /// How tasks reach the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +98,9 @@ pub enum NodeError {
     /// A subscription failed.
     #[error("subscribing: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    /// The control service could not start.
+    #[error("starting the control service: {0}")]
+    Service(async_nats::Error),
     /// Flushing to the server failed.
     #[error("talking to the NATS server: {0}")]
     Flush(#[from] async_nats::client::FlushError),
@@ -110,6 +113,7 @@ pub struct Node {
     publisher: Publisher,
     subjects: Subjects,
     options: NodeOptions,
+    service: async_nats::service::Service,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -140,6 +144,10 @@ impl Node {
         let ingest =
             ingest::start_core(client.clone(), subjects.clone(), dispatcher.clone(), limits)
                 .await?;
+        let (service, mut service_tasks) =
+            service::start(client.clone(), subjects.clone(), dispatcher.clone())
+                .await
+                .map_err(NodeError::Service)?;
         let heartbeat = tokio::spawn(heartbeats(
             dispatcher.clone(),
             publisher.clone(),
@@ -163,7 +171,11 @@ impl Node {
             publisher,
             subjects,
             options,
-            tasks: vec![gateway, ingest, heartbeat],
+            service,
+            tasks: {
+                service_tasks.extend([gateway, ingest, heartbeat]);
+                service_tasks
+            },
         })
     }
 
@@ -192,6 +204,9 @@ impl Node {
     pub async fn shutdown(self) -> ShutdownReport {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Err(e) = self.service.stop().await {
+            tracing::warn!(error = %e, "Control service did not stop cleanly.");
         }
         let report = self
             .dispatcher

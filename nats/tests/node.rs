@@ -18,6 +18,13 @@ async fn start_node(server: &LocalServer, prefix: &str) -> (async_nats::Client, 
         TaskKind::new("echo").unwrap(),
         handler_fn(|_ctx, p| async move { Ok(p) }),
     );
+    handlers.insert(
+        TaskKind::new("wait").unwrap(),
+        handler_fn(|ctx, _p| async move {
+            ctx.cancelled().await;
+            Err(dispatcher_actors::TaskError::new("cancelled"))
+        }),
+    );
     let mut config = DispatcherConfig::new(NodeId::new("node-1").unwrap());
     config.workers = 2;
     let options = NodeOptions {
@@ -247,7 +254,7 @@ async fn a_node_announces_itself_beats_and_says_goodbye() {
     let (subject, online) = next_json(&mut nodes).await;
     assert_eq!(subject, "p4.nodes.node-1.online");
     assert_eq!(online["workers"], 2);
-    assert_eq!(online["kinds"], json!(["echo"]));
+    assert_eq!(online["kinds"], json!(["echo", "wait"]));
     let (subject, beat) = next_json(&mut nodes).await;
     assert_eq!(subject, "p4.nodes.node-1.heartbeat");
     assert_eq!(beat["workers"].as_array().unwrap().len(), 2);
@@ -261,4 +268,108 @@ async fn a_node_announces_itself_beats_and_says_goodbye() {
             break;
         }
     }
+}
+
+#[actix::test]
+async fn the_control_api_answers_as_a_micro_service() {
+    let server = LocalServer::start().unwrap();
+    let (client, node) = start_node(&server, "p5").await;
+    let mut events = client.subscribe("p5.events.*.long.*").await.unwrap();
+    client.flush().await.unwrap();
+
+    request(
+        &client,
+        "p5.submit.echo",
+        br#"{"id": "e1", "payload": [1]}"#,
+    )
+    .await;
+    request(&client, "p5.submit.wait", br#"{"id": "long"}"#).await;
+    loop {
+        let (_, e) = next_json(&mut events).await;
+        if e["event"] == "started" {
+            break;
+        }
+    }
+    // e1 may still be finishing; poll its status until it is completed.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let record = loop {
+        let r = request(&client, "p5.api.status", br#"{"id": "e1"}"#).await;
+        if r["task"]["status"] == "completed" {
+            break r["task"].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "e1 never completed: {r}"
+        );
+    };
+    for field in [
+        "id",
+        "kind",
+        "priority",
+        "status",
+        "attempt",
+        "max_attempts",
+        "node",
+        "worker",
+        "progress",
+        "message",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "result",
+        "error",
+    ] {
+        assert!(
+            record.get(field).is_some(),
+            "record lacks {field}: {record}"
+        );
+    }
+    assert_eq!(record["result"], json!([1]));
+
+    let list = request(&client, "p5.api.list", br#"{"status": "running"}"#).await;
+    let ids: Vec<_> = list["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!("long")]);
+    let cancel = request(&client, "p5.api.cancel", br#"{"id": "long"}"#).await;
+    assert_eq!(cancel, json!({"ok": true, "status": "cancelling"}));
+    loop {
+        let (_, e) = next_json(&mut events).await;
+        if e["event"] == "cancelled" {
+            break;
+        }
+    }
+    let again = request(&client, "p5.api.cancel", br#"{"id": "long"}"#).await;
+    assert_eq!(again["error"]["code"], "already_finished");
+    let missing = request(&client, "p5.api.status", br#"{"id": "nope"}"#).await;
+    assert_eq!(missing["error"]["code"], "not_found");
+    let bad = request(&client, "p5.api.status", br#"{"id": 5}"#).await;
+    assert_eq!(bad["error"]["field"], "id");
+    let bad_limit = request(&client, "p5.api.list", br#"{"limit": 0}"#).await;
+    assert_eq!(bad_limit["error"]["field"], "limit");
+
+    let stats = request(&client, "p5.api.stats", b"{}").await;
+    assert_eq!(stats["stats"]["submitted"], 2);
+    assert_eq!(stats["stats"]["completed"], 1);
+    assert_eq!(stats["stats"]["cancelled"], 1);
+    let errors = request(&client, "p5.api.errors", b"{}").await;
+    assert_eq!(errors["ok"], true);
+
+    let ping = request(&client, "$SRV.PING.dispatch", b"").await;
+    assert_eq!(ping["name"], "dispatch");
+    let info = request(&client, "$SRV.INFO.dispatch", b"").await;
+    let subjects: Vec<_> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        subjects.contains(&"p5.api.status".to_owned()),
+        "{subjects:?}"
+    );
+    node.shutdown().await;
 }
