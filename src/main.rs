@@ -1,12 +1,192 @@
-//! The `dispatcher` command. The node, the client commands and the demo are
-//! not built yet; this says so instead of pretending.
+//! The `dispatcher` command: run a node, or submit a task to one.
 
-fn main() {
-    eprintln!(
-        "dispatcher {}: the node and its CLI are not built yet.\n\
-         Today the actor system runs in process: `cargo run --example local`.\n\
-         See README.md for what works.",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use dispatcher::config::{Connection, ServeConfig};
+use dispatcher_actors::{EventBody, TaskEvent, TaskSpec};
+use dispatcher_nats::Subjects;
+use futures::StreamExt;
+
+/// An actor-based, distributed task dispatcher on NATS.
+///
+/// Nodes take tasks from NATS subjects, run them on up to ten supervised
+/// workers, and publish progress and completion events back. Every flag
+/// can also be set with a DISPATCH_* environment variable.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_LOG_FORMAT",
+        default_value = "human"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node until SIGINT or SIGTERM, then shut down gracefully.
+    ///
+    /// Example: dispatcher serve --nats-url nats://127.0.0.1:4222 --workers 10
+    Serve(ServeConfig),
+    /// Submit one task through `<prefix>.submit.<kind>`; with --wait, follow
+    /// its events to the end and exit non-zero unless it completed.
+    ///
+    /// Example: dispatcher submit sleep '{"ms": 500, "steps": 5}' --wait
+    Submit(SubmitArgs),
+}
+
+#[derive(clap::Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The task's kind (names its handler).
+    kind: String,
+    /// The payload, as JSON.
+    #[arg(default_value = "null")]
+    payload: String,
+    /// Task id; a UUIDv7 is made if absent.
+    #[arg(long)]
+    id: Option<String>,
+    /// critical, high, normal or low.
+    #[arg(long)]
+    priority: Option<String>,
+    /// Per-attempt timeout.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Attempts in all.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Follow the task's events until it ends.
+    #[arg(long)]
+    wait: bool,
+    /// Seconds to wait for a reply.
+    #[arg(long, default_value_t = 10)]
+    reply_timeout: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DISPATCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let result = actix::System::new().block_on(async move {
+        match cli.command {
+            Command::Serve(config) => dispatcher::node::run(config, signal())
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Submit(args) => submit(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let payload: serde_json::Value =
+        serde_json::from_str(&args.payload).context("the payload must be JSON")?;
+    let subjects = Subjects::new(&args.connection.prefix)?;
+    let url = &args.connection.nats_url;
+    let client = async_nats::connect(url.as_str())
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let id = args.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let mut spec = TaskSpec::new(args.kind.clone(), payload).with_id(id.clone());
+    spec.priority = args.priority;
+    spec.timeout_ms = args.timeout_ms;
+    spec.max_attempts = args.max_attempts;
+    // Subscribe before submitting, so no event is missed.
+    let mut events = client.subscribe(subjects.task_events(&id)).await?;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(args.reply_timeout),
+        client.request(
+            subjects.submit(&args.kind),
+            serde_json::to_vec(&spec)?.into(),
+        ),
+    )
+    .await
+    .context("no reply in time")?
+    .with_context(|| {
+        format!(
+            "no dispatcher node answers on {}: is one running with the same --prefix?",
+            subjects.submit(&args.kind)
+        )
+    })?;
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    println!("{reply}");
+    if reply["ok"] != true {
+        return Ok(ExitCode::from(2));
+    }
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    while let Some(msg) = events.next().await {
+        let Ok(event) = serde_json::from_slice::<TaskEvent>(&msg.payload) else {
+            continue;
+        };
+        let line = match &event.body {
+            EventBody::Progress { progress, message } => format!("{progress:>3}% {message}"),
+            EventBody::Retrying { error, retry_in_ms } => format!(
+                "attempt {} failed ({error}); retry in {retry_in_ms} ms",
+                event.attempt
+            ),
+            EventBody::Completed {
+                result,
+                duration_ms,
+            } => format!("completed in {duration_ms} ms: {result}"),
+            EventBody::Failed { error, .. } => format!("failed: {error}"),
+            EventBody::TimedOut { timeout_ms } => format!("timed out after {timeout_ms} ms"),
+            EventBody::Cancelled { reason } => format!("cancelled: {reason}"),
+            other => other.name().as_str().to_owned(),
+        };
+        println!("{} {line}", event.ts);
+        if event.name().is_final() {
+            let ok = matches!(event.body, EventBody::Completed { .. });
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+    }
+    anyhow::bail!("the connection closed before the task ended")
 }
