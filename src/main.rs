@@ -7,8 +7,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use dispatcher::config::{Connection, ServeConfig};
 use dispatcher_actors::{EventBody, TaskEvent, TaskSpec};
-use dispatcher_nats::Subjects;
+use dispatcher_nats::{ApiEndpoint, Subjects};
 use futures::StreamExt;
+use serde_json::json;
 
 /// An actor-based, distributed task dispatcher on NATS.
 ///
@@ -47,6 +48,49 @@ enum Command {
     ///
     /// Example: dispatcher submit sleep '{"ms": 500, "steps": 5}' --wait
     Submit(SubmitArgs),
+    /// Show one task's record (control API `status`).
+    ///
+    /// Example: dispatcher status 0193f0c2-…
+    Status(IdArgs),
+    /// Cancel a queued or running task (control API `cancel`).
+    Cancel(IdArgs),
+    /// List task records, newest first (control API `list`).
+    ///
+    /// Example: dispatcher list --status failed --limit 20
+    List(ListArgs),
+    /// Show counters, gauges and durations (control API `stats`).
+    Stats(ConnArgs),
+    /// Show the latest failed attempts (control API `errors`).
+    Errors(ListArgs),
+}
+
+#[derive(clap::Args)]
+struct ConnArgs {
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(clap::Args)]
+struct IdArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The task's id.
+    id: String,
+}
+
+#[derive(clap::Args)]
+struct ListArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Only tasks in this status (queued, running, retrying, completed, failed, timed_out, cancelled).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only tasks of this kind.
+    #[arg(long)]
+    kind: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
 }
 
 #[derive(clap::Args)]
@@ -95,6 +139,25 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Submit(args) => submit(args).await,
+            Command::Status(a) => {
+                api(&a.connection, ApiEndpoint::Status, json!({"id": a.id})).await
+            }
+            Command::Cancel(a) => {
+                api(&a.connection, ApiEndpoint::Cancel, json!({"id": a.id})).await
+            }
+            Command::List(a) => {
+                let body = json!({"status": a.status, "kind": a.kind, "limit": a.limit});
+                api(&a.connection, ApiEndpoint::List, body).await
+            }
+            Command::Errors(a) => {
+                api(
+                    &a.connection,
+                    ApiEndpoint::Errors,
+                    json!({"limit": a.limit}),
+                )
+                .await
+            }
+            Command::Stats(a) => api(&a.connection, ApiEndpoint::Stats, json!({})).await,
         }
     });
     match result {
@@ -119,6 +182,36 @@ async fn signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
     }
+}
+
+/// Sends one control request, prints the reply, exits 0 if it says ok.
+async fn api(
+    connection: &Connection,
+    endpoint: ApiEndpoint,
+    body: serde_json::Value,
+) -> anyhow::Result<ExitCode> {
+    let subjects = Subjects::new(&connection.prefix)?;
+    let url = &connection.nats_url;
+    let client = async_nats::connect(url.as_str())
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let subject = subjects.api(endpoint);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(subject.clone(), body.to_string().into()),
+    )
+    .await
+    .context("no reply in time")?
+    .with_context(|| {
+        format!("no dispatcher node answers on {subject}: is one running with the same --prefix?")
+    })?;
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    Ok(if reply["ok"] == true {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {

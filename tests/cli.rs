@@ -134,6 +134,29 @@ async fn serve_runs_submitted_tasks_and_stops_gracefully_on_sigterm() {
     assert_eq!(rejected.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&rejected.stdout).contains("invalid_field"));
 
+    let stats = run(&["stats", "--nats-url", &url, "--prefix", "cli"]);
+    assert!(stats.status.success());
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(stats["stats"]["completed"], 1);
+    assert_eq!(stats["stats"]["failed"], 1);
+    let failed = run(&[
+        "list",
+        "--nats-url",
+        &url,
+        "--prefix",
+        "cli",
+        "--status",
+        "failed",
+    ]);
+    let failed: serde_json::Value = serde_json::from_slice(&failed.stdout).unwrap();
+    assert_eq!(failed["tasks"][0]["kind"], "chaos");
+    let id = failed["tasks"][0]["id"].as_str().unwrap().to_owned();
+    let status = run(&["status", "--nats-url", &url, "--prefix", "cli", &id]);
+    assert!(status.status.success());
+    let cancel = run(&["cancel", "--nats-url", &url, "--prefix", "cli", &id]);
+    assert_eq!(cancel.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&cancel.stdout).contains("already_finished"));
+
     let term = Command::new("kill")
         .args(["-TERM", &serve.0.id().to_string()])
         .status()
