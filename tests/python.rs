@@ -1,7 +1,8 @@
 //! Runs the Python client (`tests/python/client_test.py`, nats-py) against a
 //! node: any language can use the dispatcher with plain NATS.
 //! `scripts/test` installs nats-py into `target/pyenv` and points
-//! `DISPATCH_PYTHON` at that interpreter.
+//! `DISPATCH_PYTHON` at that interpreter. The checks run Python with `-I`:
+//! otherwise the `nats/` crate folder passes for the `nats` package.
 
 use std::process::Command;
 
@@ -13,7 +14,7 @@ use dispatcher_nats::{LocalServer, Node, NodeOptions};
 async fn a_python_client_submits_watches_and_reads_status() {
     let python = std::env::var("DISPATCH_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let has_nats = Command::new(&python)
-        .args(["-c", "import nats"])
+        .args(["-I", "-c", "import nats.aio.client"])
         .status()
         .is_ok_and(|s| s.success());
     assert!(
