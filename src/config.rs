@@ -53,6 +53,14 @@ pub struct ServeConfig {
     /// Seconds running tasks get to finish at shutdown.
     #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// A program the `exec` handler may run (repeat the flag, or separate
+    /// with commas in the variable). Without any, `exec` is not served.
+    #[arg(
+        long = "exec-allow",
+        env = "DISPATCH_EXEC_ALLOW",
+        value_delimiter = ','
+    )]
+    pub exec_allow: Vec<String>,
     /// Register the `chaos` handler (fails, panics, sleeps on request).
     #[arg(long, env = "DISPATCH_ENABLE_CHAOS")]
     pub enable_chaos: bool,

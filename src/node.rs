@@ -21,6 +21,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> any
         .with_context(|| format!("connecting to {url}"))?;
     let handlers = builtin_handlers(&HandlerOptions {
         enable_chaos: config.enable_chaos,
+        exec_allow: config.exec_allow.clone(),
     });
     let node = Node::start(client, dispatcher_config, handlers, config.node_options())
         .await

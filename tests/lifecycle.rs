@@ -23,7 +23,10 @@ async fn node(server: &LocalServer, prefix: &str, workers: usize) -> (async_nats
     };
     config.restart.backoff_initial = Duration::from_millis(10);
     config.cancel_grace = Duration::from_millis(100);
-    let handlers = builtin_handlers(&HandlerOptions { enable_chaos: true });
+    let handlers = builtin_handlers(&HandlerOptions {
+        enable_chaos: true,
+        ..HandlerOptions::default()
+    });
     let options = NodeOptions {
         prefix: prefix.to_owned(),
         ..NodeOptions::default()
@@ -259,5 +262,68 @@ async fn higher_priorities_start_first_and_a_queued_task_can_be_cancelled() {
         order.push(e["task_id"].as_str().unwrap().to_owned());
     }
     assert_eq!(order, ["crit", "high", "low1", "low2"]);
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn exec_runs_allowed_programs_and_kills_them_on_timeout() {
+    let server = LocalServer::start().unwrap();
+    let agent = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/agent.py");
+    let mut config = DispatcherConfig::new(NodeId::new("exec").unwrap());
+    config.workers = 2;
+    config.cancel_grace = Duration::from_millis(100);
+    let handlers = builtin_handlers(&HandlerOptions {
+        exec_allow: vec![agent.to_owned()],
+        ..HandlerOptions::default()
+    });
+    let options = NodeOptions {
+        prefix: "l4".to_owned(),
+        ..NodeOptions::default()
+    };
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let node = Node::start(nats, config, handlers, options).await.unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = client.subscribe("l4.events.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    submit(
+        &client,
+        "l4.submit.exec",
+        json!({"id": "x1", "payload": {"program": agent, "input": {"n": 1}}}),
+    )
+    .await;
+    let x1 = until_final(&mut events, "x1").await;
+    let progress = x1
+        .iter()
+        .find(|e| e["event"] == "progress")
+        .expect("progress from stdout");
+    assert_eq!(progress["progress"], 50);
+    assert_eq!(progress["message"], "halfway");
+    assert_eq!(
+        x1.last().unwrap()["result"],
+        json!({"id": "x1", "attempt": 1, "echo": {"n": 1}})
+    );
+
+    submit(&client, "l4.submit.exec", json!({"id": "x2", "max_attempts": 1, "payload": {"program": agent, "input": {"fail": "disk full"}}})).await;
+    let x2 = until_final(&mut events, "x2").await;
+    let msg = x2.last().unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(msg.contains("disk full"), "{msg}");
+
+    submit(&client, "l4.submit.exec", json!({"id": "x3", "max_attempts": 1, "timeout_ms": 200, "payload": {"program": agent, "input": {"hang": true}}})).await;
+    assert_eq!(
+        until_final(&mut events, "x3").await.last().unwrap()["event"],
+        "timed_out"
+    );
+
+    submit(&client, "l4.submit.exec", json!({"id": "x4", "max_attempts": 3, "payload": {"program": "/bin/sh", "args": ["-c", "true"]}})).await;
+    let x4 = until_final(&mut events, "x4").await;
+    assert_eq!(
+        names(&x4),
+        ["accepted", "started", "failed"],
+        "not allowed is final at once"
+    );
     node.shutdown().await;
 }

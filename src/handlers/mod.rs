@@ -1,12 +1,15 @@
-//! Built-in handlers: `echo`, `sleep`, and `chaos` (only when enabled, for
+//! Built-in handlers: `echo`, `sleep`, `exec` (only with programs
+//! allowed), and `chaos` (only when enabled, for
 //! demos and fault tests).
 
 mod chaos;
+mod exec;
 mod sleep;
 
 use dispatcher_actors::{handler_fn, Handlers, TaskKind};
 
 pub use chaos::Chaos;
+pub use exec::Exec;
 pub use sleep::Sleep;
 
 /// Which built-ins to register.
@@ -14,6 +17,8 @@ pub use sleep::Sleep;
 pub struct HandlerOptions {
     /// Register `chaos`.
     pub enable_chaos: bool,
+    /// Programs `exec` may run (it is registered only if there are some).
+    pub exec_allow: Vec<String>,
 }
 
 fn kind(name: &str) -> TaskKind {
@@ -28,6 +33,9 @@ pub fn builtin_handlers(options: &HandlerOptions) -> Handlers {
         handler_fn(|_ctx, payload| async move { Ok(payload) }),
     );
     handlers.insert(kind("sleep"), Sleep);
+    if !options.exec_allow.is_empty() {
+        handlers.insert(kind("exec"), Exec::new(options.exec_allow.clone()));
+    }
     if options.enable_chaos {
         handlers.insert(kind("chaos"), Chaos);
     }
