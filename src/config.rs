@@ -1,26 +1,296 @@
-//! The node's configuration: clap flags, each also read from a `DISPATCH_*`
-//! environment variable (flags win). Nothing deeper reads the environment.
+//! The command line's configuration: clap flags, each also read from a
+//! `DISPATCH_*` environment variable, and an optional TOML file
+//! (`--config`), in that precedence: a flag beats the variable, which beats
+//! the file, which beats the built-in default. Nothing deeper reads the
+//! environment.
+//!
+//! The file's keys are the flags' long names (`nats-url = "nats://…"`,
+//! `workers = 4`, `exec-allow = ["/usr/bin/convert"]`); `_` may stand for
+//! `-`. A key no command knows is an error, so a typo does not pass
+//! silently; a key that only another command knows is ignored, so one file
+//! serves `serve` and the client commands alike.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Args;
-use dispatcher_actors::{DispatcherConfig, NodeId, MAX_WORKERS};
+use dispatcher_actors::{DispatcherConfig, NodeId, Priority, RestartPolicy, MAX_WORKERS};
 use dispatcher_nats::codec::Limits;
 use dispatcher_nats::{Mode, NodeOptions};
 
-/// Where the NATS server is.
+/// The flag (and its variable) that names the configuration file.
+pub const CONFIG_FLAG: &str = "config";
+/// The variable that names the configuration file.
+pub const CONFIG_ENV: &str = "DISPATCH_CONFIG";
+
+/// Parses `args` as `P`, with the TOML file named by `--config` (or
+/// `DISPATCH_CONFIG`) filling in whatever neither a flag nor a variable
+/// sets.
+pub fn parse_layered<P>(args: Vec<OsString>) -> Result<P, clap::Error>
+where
+    P: clap::Parser,
+{
+    let mut command = P::command();
+    if let Some(path) = config_path(&args) {
+        let values = read_file(&path)
+            .map_err(|e| command.error(clap::error::ErrorKind::InvalidValue, format!("{e:#}")))?;
+        command = apply_file(command, &values).map_err(|unknown| {
+            P::command().error(
+                clap::error::ErrorKind::UnknownArgument,
+                format!(
+                    "{}: unknown setting(s) {}; use the long names of the flags shown by --help",
+                    path.display(),
+                    unknown.join(", ")
+                ),
+            )
+        })?;
+    }
+    let matches = command.try_get_matches_from(args)?;
+    P::from_arg_matches(&matches)
+}
+
+/// `--config PATH`, `--config=PATH` or `DISPATCH_CONFIG`.
+fn config_path(args: &[OsString]) -> Option<PathBuf> {
+    let flag = format!("--{CONFIG_FLAG}");
+    let with_eq = format!("--{CONFIG_FLAG}=");
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let Some(s) = arg.to_str() else { continue };
+        if s == "--" {
+            break;
+        }
+        if s == flag {
+            return iter.next().map(PathBuf::from);
+        }
+        if let Some(rest) = s.strip_prefix(&with_eq) {
+            // clap itself reports an empty `--config=`.
+            return (!rest.is_empty()).then(|| PathBuf::from(rest));
+        }
+    }
+    std::env::var_os(CONFIG_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// A file setting: one value or a list.
+#[derive(Clone, Debug, PartialEq)]
+enum FileValue {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Reads the TOML file into flag name → value.
+fn read_file(path: &Path) -> anyhow::Result<BTreeMap<String, FileValue>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the configuration file {}", path.display()))?;
+    parse_file(&text).with_context(|| format!("in the configuration file {}", path.display()))
+}
+
+fn parse_file(text: &str) -> anyhow::Result<BTreeMap<String, FileValue>> {
+    let table: toml::Table = text.parse()?;
+    let mut values = BTreeMap::new();
+    for (key, value) in table {
+        let name = key.replace('_', "-");
+        let value = match value {
+            toml::Value::Array(items) => FileValue::Many(
+                items
+                    .into_iter()
+                    .map(|v| scalar(&key, v))
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+            other => FileValue::One(scalar(&key, other)?),
+        };
+        values.insert(name, value);
+    }
+    Ok(values)
+}
+
+fn scalar(key: &str, value: toml::Value) -> anyhow::Result<String> {
+    Ok(match value {
+        toml::Value::String(s) => s,
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        other => anyhow::bail!(
+            "{key}: expected a string, number, boolean or a list of them, got {}",
+            other.type_str()
+        ),
+    })
+}
+
+/// Makes the file's values the defaults of the arguments with those long
+/// names, in every subcommand; returns the keys that no argument has.
+fn apply_file(
+    mut command: clap::Command,
+    values: &BTreeMap<String, FileValue>,
+) -> Result<clap::Command, Vec<String>> {
+    let mut used = std::collections::BTreeSet::new();
+    command = apply_to(command, values, &mut used);
+    let unknown: Vec<String> = values
+        .keys()
+        .filter(|k| !used.contains(*k) && k.as_str() != CONFIG_FLAG)
+        .cloned()
+        .collect();
+    if unknown.is_empty() {
+        Ok(command)
+    } else {
+        Err(unknown)
+    }
+}
+
+fn apply_to(
+    mut command: clap::Command,
+    values: &BTreeMap<String, FileValue>,
+    used: &mut std::collections::BTreeSet<String>,
+) -> clap::Command {
+    let targets: Vec<(clap::Id, String)> = command
+        .get_arguments()
+        .filter_map(|a| Some((a.get_id().clone(), a.get_long()?.to_owned())))
+        .filter(|(_, long)| values.contains_key(long) && long != CONFIG_FLAG)
+        .collect();
+    for (id, long) in targets {
+        let value = values[&long].clone();
+        used.insert(long);
+        command = command.mut_arg(id, |arg| match value {
+            FileValue::One(v) => arg.default_value(v),
+            FileValue::Many(vs) => arg.default_values(vs),
+        });
+    }
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    for name in names {
+        command = command.mut_subcommand(name, |sub| apply_to(sub, values, used));
+    }
+    command
+}
+
+/// A duration: plain seconds (`30`) or with units (`500ms`, `2m`, `24h`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e}: write seconds (30) or a number with a unit (500ms, 2m, 24h)"))
+}
+
+/// One of `critical`, `high`, `normal`, `low`.
+pub fn parse_priority(s: &str) -> Result<Priority, String> {
+    Priority::parse(s).ok_or_else(|| "use critical, high, normal or low".to_owned())
+}
+
+/// Where the NATS server is, and how to log in to it.
 #[derive(Args, Clone, Debug)]
 pub struct Connection {
-    /// NATS server URL(s), comma-separated.
+    /// NATS server URL(s), comma-separated; the client picks among them and
+    /// fails over.
     #[arg(
         long,
         env = "DISPATCH_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = "nats://127.0.0.1:4222",
+        value_delimiter = ','
     )]
-    pub nats_url: String,
+    pub nats_url: Vec<String>,
     /// Subject prefix shared by nodes and clients.
     #[arg(long, env = "DISPATCH_PREFIX", default_value = "dispatch")]
     pub prefix: String,
+    /// User name (with --nats-password).
+    #[arg(long, env = "DISPATCH_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// Password (with --nats-user); prefer the variable to the flag.
+    #[arg(long, env = "DISPATCH_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// Authentication token; prefer the variable to the flag.
+    #[arg(long, env = "DISPATCH_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// Credentials file (JWT and NKey seed, as `nsc` writes them).
+    #[arg(long, env = "DISPATCH_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding an NKey seed (`SU…`).
+    #[arg(long, env = "DISPATCH_NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to verify the server with.
+    #[arg(long, env = "DISPATCH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), with --tls-key.
+    #[arg(long, env = "DISPATCH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client private key (PEM), with --tls-cert.
+    #[arg(long, env = "DISPATCH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Refuse to talk to the server without TLS.
+    #[arg(long, env = "DISPATCH_TLS_REQUIRED")]
+    pub tls_required: bool,
+    /// Connection name the server shows (monitoring, `nats server report`).
+    #[arg(long, env = "DISPATCH_CONNECTION_NAME")]
+    pub connection_name: Option<String>,
+    /// Reconnection attempts after a lost connection; 0 = forever.
+    #[arg(long, env = "DISPATCH_MAX_RECONNECTS", default_value_t = 0)]
+    pub max_reconnects: usize,
+    /// Longest pause between reconnection attempts (they back off
+    /// exponentially from 100 ms up to this).
+    #[arg(long, env = "DISPATCH_RECONNECT_DELAY_MAX", default_value = "5s", value_parser = parse_duration)]
+    pub reconnect_delay_max: Duration,
+    /// How long connecting may take.
+    #[arg(long, env = "DISPATCH_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+}
+
+impl Connection {
+    /// The async-nats options these settings describe.
+    pub async fn options(&self, default_name: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(path) = &self.nats_creds {
+            options = options
+                .credentials_file(path)
+                .await
+                .with_context(|| format!("reading the credentials file {}", path.display()))?;
+        }
+        if let Some(path) = &self.nats_nkey {
+            let seed = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the NKey seed file {}", path.display()))?;
+            options = options.nkey(seed.trim().to_owned());
+        }
+        if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.nats_token {
+            options = options.token(token.clone());
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        if self.tls_required {
+            options = options.require_tls(true);
+        }
+        let max_delay = self.reconnect_delay_max;
+        let max_reconnects = (self.max_reconnects > 0).then_some(self.max_reconnects);
+        Ok(options
+            .name(self.connection_name.as_deref().unwrap_or(default_name))
+            .connection_timeout(self.connect_timeout)
+            .max_reconnects(max_reconnects)
+            .reconnect_delay_callback(move |attempt| {
+                let exp = attempt.min(16) as u32;
+                Duration::from_millis(100u64.saturating_mul(1 << exp)).min(max_delay)
+            }))
+    }
+
+    /// Connects; the error names the servers tried.
+    pub async fn connect(&self, default_name: &str) -> anyhow::Result<async_nats::Client> {
+        let options = self.options(default_name).await?;
+        let urls = self.nats_url.join(",");
+        options
+            .connect(self.nats_url.as_slice())
+            .await
+            .with_context(|| format!("connecting to NATS at {urls}"))
+    }
 }
 
 /// `dispatcher serve` settings.
@@ -47,12 +317,53 @@ pub struct ServeConfig {
     /// Deepest JSON nesting accepted.
     #[arg(long, env = "DISPATCH_MAX_JSON_DEPTH", default_value_t = 64)]
     pub max_json_depth: usize,
+    /// Submit requests processed at once; more wait in the subscription.
+    #[arg(long, env = "DISPATCH_MAX_INFLIGHT_REQUESTS", default_value_t = 256)]
+    pub max_inflight_requests: usize,
     /// Events buffered for publishing; past it they are dropped and counted.
     #[arg(long, env = "DISPATCH_EVENT_BUFFER", default_value_t = 10_000)]
     pub event_buffer: usize,
-    /// Seconds running tasks get to finish at shutdown.
-    #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT", default_value_t = 30)]
-    pub shutdown_timeout: u64,
+    /// How long running tasks get to finish at shutdown.
+    #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Interval of heartbeat events and metrics snapshots.
+    #[arg(long, env = "DISPATCH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// How long a cancelled or timed-out handler may take to stop on its
+    /// own before it is aborted (an `exec` child is killed).
+    #[arg(long, env = "DISPATCH_CANCEL_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub cancel_grace: Duration,
+    /// Per-attempt timeout of tasks that set no `timeout_ms`, in ms.
+    #[arg(long, env = "DISPATCH_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub default_timeout_ms: u64,
+    /// Attempts of tasks that set no `max_attempts`.
+    #[arg(long, env = "DISPATCH_DEFAULT_MAX_ATTEMPTS", default_value_t = 3)]
+    pub default_max_attempts: u32,
+    /// Priority of tasks that set none.
+    #[arg(long, env = "DISPATCH_DEFAULT_PRIORITY", default_value = "normal", value_parser = parse_priority)]
+    pub default_priority: Priority,
+    /// Restarts of one worker slot allowed within --restart-window; past
+    /// them the slot is disabled (`worker_disabled`).
+    #[arg(long, env = "DISPATCH_RESTART_MAX", default_value_t = 5)]
+    pub restart_max: u32,
+    /// The window of --restart-max.
+    #[arg(long, env = "DISPATCH_RESTART_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    pub restart_window: Duration,
+    /// First delay before a crashed worker restarts; doubles per restart.
+    #[arg(long, env = "DISPATCH_RESTART_BACKOFF", default_value = "100ms", value_parser = parse_duration)]
+    pub restart_backoff: Duration,
+    /// How long finished task records are kept.
+    #[arg(long, env = "DISPATCH_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// How often expired records are removed.
+    #[arg(long, env = "DISPATCH_CLEANUP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub cleanup_interval: Duration,
+    /// Most task records kept; past it the oldest finished go first.
+    #[arg(long, env = "DISPATCH_MAX_RECORDS", default_value_t = 100_000)]
+    pub max_records: usize,
+    /// Most entries in the error list (the oldest go first).
+    #[arg(long, env = "DISPATCH_MAX_ERRORS", default_value_t = 1_000)]
+    pub max_errors: usize,
     /// A program the `exec` handler may run (repeat the flag, or separate
     /// with commas in the variable). Without any, `exec` is not served.
     #[arg(
@@ -76,7 +387,27 @@ impl ServeConfig {
         let mut config = DispatcherConfig::new(node);
         config.workers = self.workers;
         config.queue_capacity = self.queue_capacity;
+        config.cancel_grace = self.cancel_grace;
+        config.defaults.timeout_ms = self.default_timeout_ms;
+        config.defaults.max_attempts = self.default_max_attempts;
+        config.defaults.priority = self.default_priority;
+        config.restart = RestartPolicy {
+            max_restarts: self.restart_max,
+            within: self.restart_window,
+            backoff_initial: self.restart_backoff,
+            ..RestartPolicy::default()
+        };
+        config.retention = self.retention;
+        config.cleanup_interval = self.cleanup_interval;
+        config.max_records = self.max_records;
+        config.error_capacity = self.max_errors;
         config.validate().map_err(|e| e.to_string())?;
+        if self.default_timeout_ms == 0 || self.default_timeout_ms > 24 * 3600 * 1000 {
+            return Err("default timeout must be 1 ms to 24 h".into());
+        }
+        if !(1..=100).contains(&self.default_max_attempts) {
+            return Err("default max attempts must be 1 to 100".into());
+        }
         Ok(config)
     }
 
@@ -90,8 +421,9 @@ impl ServeConfig {
                 max_depth: self.max_json_depth,
             },
             event_buffer: self.event_buffer,
-            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
-            ..NodeOptions::default()
+            heartbeat_interval: self.heartbeat_interval,
+            shutdown_timeout: self.shutdown_timeout,
+            max_inflight_requests: self.max_inflight_requests,
         }
     }
 }
@@ -118,4 +450,141 @@ pub fn default_node_id() -> NodeId {
     };
     let suffix: u32 = rand::random::<u32>() & 0xff_ffff;
     NodeId::new(format!("{host}-{suffix:06x}")).expect("sanitised to token characters")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    struct TestCli {
+        #[arg(long = CONFIG_FLAG, env = CONFIG_ENV)]
+        _config: Option<PathBuf>,
+        #[command(flatten)]
+        serve: ServeConfig,
+    }
+
+    fn parse(args: &[&str]) -> Result<TestCli, clap::Error> {
+        let mut all = vec![OsString::from("test")];
+        all.extend(args.iter().map(OsString::from));
+        parse_layered(all)
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn durations_take_seconds_or_units() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("soon").unwrap_err().contains("500ms"));
+    }
+
+    #[test]
+    fn the_file_parses_scalars_and_lists() {
+        let values = parse_file("workers = 4\nexec_allow = [\"/bin/a\", \"/bin/b\"]\n").unwrap();
+        assert_eq!(values["workers"], FileValue::One("4".into()));
+        assert_eq!(
+            values["exec-allow"],
+            FileValue::Many(vec!["/bin/a".into(), "/bin/b".into()])
+        );
+        assert!(parse_file("workers = {a = 1}").is_err());
+        assert!(parse_file("workers = ").is_err());
+    }
+
+    // One test touches the environment, so no other test sees its variables.
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file() {
+        let f = file(
+            "workers = 4\nprefix = \"from-file\"\nretention = \"2h\"\n\
+             enable-chaos = true\nexec-allow = [\"/bin/true\"]\nnats-url = \"nats://file:4222\"\n",
+        );
+        let path = f.path().to_str().unwrap();
+
+        // The file alone fills in defaults.
+        let cli = parse(&["--config", path]).unwrap();
+        assert_eq!(cli.serve.workers, 4);
+        assert_eq!(cli.serve.connection.prefix, "from-file");
+        assert_eq!(cli.serve.retention, Duration::from_secs(7200));
+        assert!(cli.serve.enable_chaos);
+        assert_eq!(cli.serve.exec_allow, vec!["/bin/true".to_owned()]);
+        assert_eq!(cli.serve.connection.nats_url, vec!["nats://file:4222"]);
+        // What the file leaves out keeps its built-in default.
+        assert_eq!(cli.serve.max_payload, 1024 * 1024);
+
+        // The environment beats the file; a flag beats both.
+        std::env::set_var("DISPATCH_WORKERS", "6");
+        std::env::set_var("DISPATCH_PREFIX", "from-env");
+        let cli = parse(&["--config", path, "--prefix", "from-flag"]).unwrap();
+        assert_eq!(cli.serve.workers, 6);
+        assert_eq!(cli.serve.connection.prefix, "from-flag");
+        assert_eq!(cli.serve.retention, Duration::from_secs(7200));
+
+        // DISPATCH_CONFIG names the file when no flag does.
+        std::env::remove_var("DISPATCH_WORKERS");
+        std::env::remove_var("DISPATCH_PREFIX");
+        std::env::set_var(CONFIG_ENV, path);
+        let cli = parse(&["--workers", "2"]).unwrap();
+        assert_eq!(cli.serve.workers, 2);
+        assert_eq!(cli.serve.connection.prefix, "from-file");
+        std::env::remove_var(CONFIG_ENV);
+
+        // A typo in the file is an error that names it.
+        let typo = file("wokers = 4\n");
+        let err = parse(&["--config", typo.path().to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("wokers"), "{err}");
+        // A missing file too.
+        let err = parse(&["--config", "/nonexistent/dispatcher.toml"]).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/dispatcher.toml"),
+            "{err}"
+        );
+        // A bad value from the file is reported like a bad flag.
+        let bad = file("workers = \"many\"\n");
+        assert!(parse(&["--config", bad.path().to_str().unwrap()]).is_err());
+        // Without a file the built-in defaults hold.
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.serve.workers, MAX_WORKERS);
+        assert_eq!(cli.serve.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn serve_config_maps_onto_the_actor_config() {
+        let cli = parse(&[
+            "--node-id",
+            "n1",
+            "--workers",
+            "3",
+            "--restart-max",
+            "2",
+            "--restart-window",
+            "10s",
+            "--cancel-grace",
+            "250ms",
+            "--default-priority",
+            "high",
+        ])
+        .unwrap();
+        let config = cli.serve.dispatcher_config().unwrap();
+        assert_eq!(config.node.as_str(), "n1");
+        assert_eq!(config.workers, 3);
+        assert_eq!(config.restart.max_restarts, 2);
+        assert_eq!(config.restart.within, Duration::from_secs(10));
+        assert_eq!(config.cancel_grace, Duration::from_millis(250));
+        assert_eq!(config.defaults.priority, Priority::High);
+        let cli = parse(&["--workers", "11"]).unwrap();
+        assert!(cli
+            .serve
+            .dispatcher_config()
+            .unwrap_err()
+            .contains("1 to 10"));
+        let cli = parse(&["--default-max-attempts", "0"]).unwrap();
+        assert!(cli.serve.dispatcher_config().is_err());
+    }
 }

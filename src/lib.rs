@@ -3,10 +3,15 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: command-line flags (each also from a `DISPATCH_*` variable).
+//! - [`config`]: command-line flags, `DISPATCH_*` variables and the TOML
+//!   file, and the NATS connection they describe.
 //! - [`handlers`]: the built-in handlers.
 //! - [`node`]: runs a node until told to stop.
+//! - [`watch`]: live progress bars drawn from task events.
+//! - [`demo`]: `dispatcher demo`.
 
 pub mod config;
+pub mod demo;
 pub mod handlers;
 pub mod node;
+pub mod watch;

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use dispatcher::config::{Connection, ServeConfig};
-use dispatcher_actors::{EventBody, TaskEvent, TaskSpec};
+use dispatcher::config::{Connection, ServeConfig, CONFIG_ENV, CONFIG_FLAG};
+use dispatcher::demo::DemoArgs;
+use dispatcher::watch::Tracker;
+use dispatcher_actors::{EventBody, NodeEvent, TaskEvent, TaskSpec};
 use dispatcher_nats::{ApiEndpoint, Subjects};
 use futures::StreamExt;
 use serde_json::json;
@@ -15,10 +17,15 @@ use serde_json::json;
 ///
 /// Nodes take tasks from NATS subjects, run them on up to ten supervised
 /// workers, and publish progress and completion events back. Every flag
-/// can also be set with a DISPATCH_* environment variable.
+/// can also be set with a DISPATCH_* environment variable, or in a TOML
+/// file named by --config (keys are the long flag names); flags beat
+/// variables, which beat the file.
 #[derive(Parser)]
 #[command(version, propagate_version = true)]
 struct Cli {
+    /// TOML file with settings (keys: the long flag names, e.g. `workers = 4`).
+    #[arg(long = CONFIG_FLAG, global = true, env = CONFIG_ENV)]
+    config: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(
         long,
@@ -62,6 +69,34 @@ enum Command {
     Stats(ConnArgs),
     /// Show the latest failed attempts (control API `errors`).
     Errors(ListArgs),
+    /// Follow tasks live: a progress bar per task while it waits or runs,
+    /// a line when it ends, and node events (restarts, online, offline).
+    ///
+    /// Example: dispatcher watch --kind sleep
+    Watch(WatchArgs),
+    /// Run a demonstration: a node with ten workers and a mixed batch
+    /// (priorities, progress, a retry, a panic, a timeout, a cancel),
+    /// shown live and summed up in a table. Starts a private nats-server
+    /// when none answers at --nats-url.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct WatchArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Only tasks of this kind.
+    #[arg(long, conflicts_with = "id")]
+    kind: Option<String>,
+    /// Only this task.
+    #[arg(long)]
+    id: Option<String>,
+    /// Print each event's JSON on its own line instead of drawing bars.
+    #[arg(long)]
+    json: bool,
+    /// Exit after this many tasks have ended.
+    #[arg(long)]
+    count: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -123,11 +158,20 @@ struct SubmitArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match dispatcher::config::parse_layered(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // The demo and watch draw on the terminal: only warnings interleave.
+    let default_level = match cli.command {
+        Command::Demo(_) | Command::Watch(_) => "warn",
+        _ => "info",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DISPATCH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Human => builder.init(),
@@ -158,6 +202,15 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Stats(a) => api(&a.connection, ApiEndpoint::Stats, json!({})).await,
+            Command::Watch(a) => watch(a).await,
+            Command::Demo(a) => dispatcher::demo::run(a).await.map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("Some tasks did not end as planned (marked in the table).");
+                    ExitCode::FAILURE
+                }
+            }),
         }
     });
     match result {
@@ -191,10 +244,7 @@ async fn api(
     body: serde_json::Value,
 ) -> anyhow::Result<ExitCode> {
     let subjects = Subjects::new(&connection.prefix)?;
-    let url = &connection.nats_url;
-    let client = async_nats::connect(url.as_str())
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let client = connection.connect("dispatcher cli").await?;
     let subject = subjects.api(endpoint);
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
@@ -218,10 +268,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let payload: serde_json::Value =
         serde_json::from_str(&args.payload).context("the payload must be JSON")?;
     let subjects = Subjects::new(&args.connection.prefix)?;
-    let url = &args.connection.nats_url;
-    let client = async_nats::connect(url.as_str())
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let client = args.connection.connect("dispatcher cli").await?;
     let id = args.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let mut spec = TaskSpec::new(args.kind.clone(), payload).with_id(id.clone());
     spec.priority = args.priority;
@@ -282,4 +329,54 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         }
     }
     anyhow::bail!("the connection closed before the task ended")
+}
+
+/// Follows task events (and node events) until interrupted, or until
+/// `--count` tasks have ended.
+async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    let subjects = Subjects::new(&args.connection.prefix)?;
+    let client = args.connection.connect("dispatcher watch").await?;
+    let filter = match (&args.id, &args.kind) {
+        (Some(id), _) => subjects.task_events(id),
+        (None, Some(kind)) => format!("{}.events.{kind}.>", subjects.prefix()),
+        (None, None) => subjects.events_any(),
+    };
+    let mut events = client
+        .subscribe(filter.clone())
+        .await
+        .with_context(|| format!("subscribing to {filter}"))?;
+    let mut nodes = client.subscribe(subjects.nodes_any()).await?;
+    client.flush().await?;
+    eprintln!("Watching {filter}; Ctrl-C to stop.");
+    let mut tracker = Tracker::new();
+    let mut ended = 0usize;
+    let stop = signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            msg = events.next() => {
+                let Some(msg) = msg else { anyhow::bail!("the NATS connection closed") };
+                if args.json {
+                    println!("{}", String::from_utf8_lossy(&msg.payload));
+                    let is_final = serde_json::from_slice::<TaskEvent>(&msg.payload)
+                        .map(|e| e.name().is_final())
+                        .unwrap_or(false);
+                    ended += usize::from(is_final);
+                } else if let Ok(event) = serde_json::from_slice::<TaskEvent>(&msg.payload) {
+                    ended += usize::from(tracker.on_task(&event).is_some());
+                }
+                if args.count.is_some_and(|n| ended >= n) {
+                    break;
+                }
+            }
+            msg = nodes.next(), if !args.json => {
+                if let Some(event) = msg.and_then(|m| serde_json::from_slice::<NodeEvent>(&m.payload).ok()) {
+                    tracker.on_node(&event);
+                }
+            }
+            _ = &mut stop => break,
+        }
+    }
+    tracker.clear();
+    Ok(ExitCode::SUCCESS)
 }

@@ -15,10 +15,10 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> any
     let dispatcher_config = config
         .dispatcher_config()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-    let url = &config.connection.nats_url;
-    let client = async_nats::connect(url.as_str())
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let client = config
+        .connection
+        .connect(&format!("dispatcher node {}", dispatcher_config.node))
+        .await?;
     let handlers = builtin_handlers(&HandlerOptions {
         enable_chaos: config.enable_chaos,
         exec_allow: config.exec_allow.clone(),
