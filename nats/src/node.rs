@@ -108,7 +108,6 @@ pub enum NodeError {
 
 /// A running node.
 pub struct Node {
-    client: async_nats::Client,
     dispatcher: Dispatcher,
     publisher: Publisher,
     subjects: Subjects,
@@ -166,7 +165,6 @@ impl Node {
         ));
         info!(node = %node, mode = options.mode.as_str(), prefix = subjects.prefix(), "Node online.");
         Ok(Node {
-            client,
             dispatcher,
             publisher,
             subjects,
@@ -218,9 +216,7 @@ impl Node {
                 reason: "shutdown".to_owned(),
             },
         ));
-        // Let the publisher drain before the flush.
-        tokio::task::yield_now().await;
-        let _ = self.client.flush().await;
+        self.publisher.drain().await;
         info!(node = %self.dispatcher.node(), "Node offline.");
         report
     }

@@ -9,16 +9,24 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use dispatcher_actors::{EventSink, NodeEvent, TaskEvent};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::subjects::Subjects;
+
+/// What the background task is handed.
+enum Out {
+    /// An event (or snapshot) to publish.
+    Publish(String, Bytes),
+    /// Tell the sender once everything before this has gone out.
+    Drained(oneshot::Sender<()>),
+}
 
 /// Publishes events; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
     subjects: Subjects,
-    tx: mpsc::Sender<(String, Bytes)>,
+    tx: mpsc::Sender<Out>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -26,11 +34,19 @@ impl Publisher {
     /// Starts the background publishing task on the current tokio runtime.
     /// `buffer` bounds the events waiting to go out.
     pub fn start(client: async_nats::Client, subjects: Subjects, buffer: usize) -> Self {
-        let (tx, mut rx) = mpsc::channel::<(String, Bytes)>(buffer.max(1));
+        let (tx, mut rx) = mpsc::channel::<Out>(buffer.max(1));
         tokio::spawn(async move {
-            while let Some((subject, body)) = rx.recv().await {
-                if let Err(e) = client.publish(subject.clone(), body).await {
-                    warn!(subject = %subject, error = %e, "Event not published.");
+            while let Some(out) = rx.recv().await {
+                match out {
+                    Out::Publish(subject, body) => {
+                        if let Err(e) = client.publish(subject.clone(), body).await {
+                            warn!(subject = %subject, error = %e, "Event not published.");
+                        }
+                    }
+                    Out::Drained(done) => {
+                        let _ = client.flush().await;
+                        let _ = done.send(());
+                    }
                 }
             }
         });
@@ -46,9 +62,18 @@ impl Publisher {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Waits until every event queued before the call has been handed to
+    /// the server (published and flushed). Used at shutdown.
+    pub async fn drain(&self) {
+        let (done, drained) = oneshot::channel();
+        if self.tx.send(Out::Drained(done)).await.is_ok() {
+            let _ = drained.await;
+        }
+    }
+
     /// Queues `body` for `subject`, or counts it dropped.
     pub fn send(&self, subject: String, body: Bytes) {
-        if self.tx.try_send((subject, body)).is_err() {
+        if self.tx.try_send(Out::Publish(subject, body)).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             // Log the first drop and then every thousandth, not each one.
             if n == 1 || n.is_multiple_of(1000) {
