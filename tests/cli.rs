@@ -1,6 +1,7 @@
 //! The built binary end to end: `serve` as a child process against a
-//! private nats-server, `submit --wait` against it, configuration errors,
-//! `--help`, and a graceful stop on SIGTERM.
+//! private nats-server, `submit --wait` and `watch` against it,
+//! configuration errors (flags and file), `--help`, `demo`, and a graceful
+//! stop on SIGTERM.
 
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -29,11 +30,18 @@ impl Drop for Serve {
 
 #[test]
 fn every_command_explains_itself() {
-    for args in [
-        vec!["--help"],
-        vec!["serve", "--help"],
-        vec!["submit", "--help"],
+    for command in [
+        "serve", "submit", "status", "cancel", "list", "stats", "errors", "watch", "demo",
     ] {
+        let out = run(&[command, "--help"]);
+        assert!(out.status.success(), "{command}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("Usage") && text.contains("--nats-url") && text.contains("--config"),
+            "{command}: {text}"
+        );
+    }
+    for args in [vec!["--help"], vec!["help", "serve"]] {
         let out = run(&args);
         assert!(out.status.success(), "{args:?}");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -51,6 +59,196 @@ fn bad_worker_counts_are_refused_clearly() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("workers must be 1 to 10"), "{err}");
     }
+}
+
+#[test]
+fn a_configuration_file_is_read_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_value = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad_value,
+        "workers = 0\nnats-url = \"nats://127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let out = run(&["serve", "--config", bad_value.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("workers must be 1 to 10"), "{err}");
+    // A flag beats the file: with a valid count the error is the connection.
+    let out = run(&[
+        "serve",
+        "--config",
+        bad_value.to_str().unwrap(),
+        "--workers",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("connecting to NATS at nats://127.0.0.1:1"),
+        "{err}"
+    );
+
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "wokers = 4\n").unwrap();
+    let out = run(&["serve", "--config", typo.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wokers"), "{err}");
+}
+
+#[test]
+fn the_demo_runs_its_batch_to_the_planned_ends() {
+    // No server answers on port 1, so the demo starts a private one.
+    let out = Command::new(BIN)
+        .args(["demo", "--nats-url", "nats://127.0.0.1:1", "--plain"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("started a private nats-server"), "{stderr}");
+    for status in ["completed", "failed", "timed_out", "cancelled"] {
+        assert!(stdout.contains(status), "{status} missing:\n{stdout}");
+    }
+    assert!(stdout.contains("worker_crashed"), "{stdout}");
+    assert!(!stdout.contains("NOT AS PLANNED"), "{stdout}");
+    assert!(stdout.contains("24 submitted, 21 completed"), "{stdout}");
+}
+
+/// Starts `serve` and waits for its `online` event.
+async fn serve(url: &str, prefix: &str, node: &str) -> Serve {
+    let client = async_nats::connect(url).await.unwrap();
+    let mut online = client
+        .subscribe(format!("{prefix}.nodes.{node}.online"))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--nats-url",
+            url,
+            "--prefix",
+            prefix,
+            "--workers",
+            "2",
+            "--enable-chaos",
+            "--node-id",
+            node,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let serve = Serve(child);
+    tokio::time::timeout(DEADLINE, online.next())
+        .await
+        .expect("node online within 20 s");
+    serve
+}
+
+/// Starts `watch` and waits until it says it is subscribed.
+fn watch(url: &str, prefix: &str, extra: &[&str]) -> Serve {
+    use std::io::BufRead as _;
+    let mut child = Command::new(BIN)
+        .args(["watch", "--nats-url", url, "--prefix", prefix])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let first = lines.next().expect("watch prints").unwrap();
+    assert!(first.starts_with("Watching"), "{first}");
+    Serve(child)
+}
+
+/// Waits for a child to exit, within the deadline, and returns its stdout.
+async fn finish(mut child: Serve) -> (std::process::ExitStatus, String) {
+    use std::io::Read as _;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child did not exit within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut out = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    (status, out)
+}
+
+#[tokio::test]
+async fn watch_follows_tasks_to_their_end() {
+    let server = LocalServer::start().unwrap();
+    let url = server.url();
+    let _node = serve(&url, "w", "watch-node").await;
+    let plain = watch(&url, "w", &["--count", "2"]);
+    let json = watch(&url, "w", &["--count", "2", "--json", "--kind", "chaos"]);
+    let ok = run(&[
+        "submit",
+        "--nats-url",
+        &url,
+        "--prefix",
+        "w",
+        "chaos",
+        r#"{"fail_times": 1}"#,
+        "--id",
+        "watched-1",
+        "--wait",
+    ]);
+    assert!(ok.status.success());
+    let failed = run(&[
+        "submit",
+        "--nats-url",
+        &url,
+        "--prefix",
+        "w",
+        "chaos",
+        r#"{"fail": "boom"}"#,
+        "--id",
+        "watched-2",
+        "--max-attempts",
+        "1",
+    ]);
+    assert!(failed.status.success());
+
+    let (status, out) = finish(plain).await;
+    assert!(status.success());
+    assert!(
+        out.contains("watched-1") && out.contains("completed (attempt 2)"),
+        "{out}"
+    );
+    assert!(out.contains("watched-2") && out.contains("boom"), "{out}");
+    assert!(out.contains("retry in"), "{out}");
+
+    let (status, out) = finish(json).await;
+    assert!(status.success());
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .filter(|e| e["task_id"] == "watched-1")
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["accepted", "started", "retrying", "started", "completed"],
+        "{out}"
+    );
 }
 
 #[tokio::test]
