@@ -53,5 +53,29 @@ async fn a_python_client_submits_watches_and_reads_status() {
         "python client failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("status ok: completed"), "{stdout}");
+
+    // The README's example script, as a user would run it.
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/python/publish_and_watch.py"
+    );
+    let python = std::env::var("DISPATCH_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let url = server.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args(["-I", example, &url, "py"])
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "example failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("100% step 5 of 5"), "{stdout}");
+    assert!(
+        stdout.contains("record: completed after 1 attempt(s)"),
+        "{stdout}"
+    );
     node.shutdown().await;
 }
