@@ -11,10 +11,12 @@
 //! - [`gateway`]: the submit gateway.
 //! - [`ingest`]: tasks published straight onto the queue.
 //! - [`local_server`]: a private `nats-server` for tests and the demo.
+//! - [`client`]: the typed Rust client: submit, follow events, control API.
 //!
-//! Mode `core` only; the typed client and JetStream mode are not built yet.
+//! Mode `core` only; JetStream mode is not built yet.
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod codec;
 pub mod gateway;
 pub mod ingest;
@@ -25,6 +27,7 @@ pub mod service;
 pub mod subjects;
 pub mod wire;
 
+pub use client::{Client, ClientError};
 pub use local_server::{LocalServer, LocalServerError};
 pub use node::{Mode, Node, NodeError, NodeOptions};
 pub use subjects::{ApiEndpoint, Subjects};
