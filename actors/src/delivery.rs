@@ -10,14 +10,17 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::error::ErrorInfo;
 use crate::event::TaskStatus;
 
 /// What became of a delivered task on this node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Settlement {
     /// The task reached a final state (completed, failed, timed out or
-    /// cancelled): remove it for good.
-    Done(TaskStatus),
+    /// cancelled): remove it for good. The error is the last attempt's,
+    /// when it failed or timed out (a transport may keep it with a
+    /// dead-letter copy).
+    Done(TaskStatus, Option<ErrorInfo>),
     /// The attempt failed and another follows: deliver the task again after
     /// `delay` (to any node).
     Retry {

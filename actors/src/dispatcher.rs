@@ -384,7 +384,7 @@ impl Dispatcher {
                 Admission::Finished(status) => {
                     let err = DispatchError::AlreadyFinished(task.id.clone());
                     if let Some(d) = held.delivery {
-                        d.settle(Settlement::Done(status));
+                        d.settle(Settlement::Done(status, None));
                     }
                     results[i] = Some(Err(err));
                 }
@@ -449,6 +449,16 @@ impl Dispatcher {
         self.inner
             .emitter
             .task(&id, &kind, 0, EventBody::Rejected { error });
+    }
+
+    /// Publishes an event about a task this node does not hold: the
+    /// `accepted` of a task a durable transport stored for any node to run,
+    /// or the end of one a transport settled without running it (cancelled
+    /// before it was pulled, attempts spent).
+    pub fn announce(&self, task: &Task, body: EventBody) {
+        self.inner
+            .emitter
+            .task(&task.id, &task.kind, task.attempt, body);
     }
 
     /// Cancels a queued, retrying or running task.

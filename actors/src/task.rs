@@ -600,6 +600,29 @@ impl Task {
     pub fn timeout_ms(&self) -> u64 {
         self.timeout.as_millis() as u64
     }
+
+    /// The task as a submission with every field filled in: what a durable
+    /// transport stores, so that whichever node takes it runs it exactly
+    /// as validated here.
+    pub fn to_spec(&self) -> TaskSpec {
+        TaskSpec {
+            id: Some(self.id.as_str().to_owned()),
+            kind: Some(self.kind.as_str().to_owned()),
+            payload: self.payload.clone(),
+            priority: Some(self.priority.as_str().to_owned()),
+            timeout_ms: Some(self.timeout_ms()),
+            max_attempts: Some(self.max_attempts),
+            backoff: Some(BackoffSpec {
+                initial_ms: Some(self.backoff.initial_ms),
+                max_ms: Some(self.backoff.max_ms),
+                multiplier: Some(self.backoff.multiplier),
+            }),
+            depends_on: None,
+            resources: None,
+            not_before: None,
+            tags: (!self.tags.is_empty()).then(|| self.tags.clone()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -609,6 +632,26 @@ mod tests {
 
     fn spec(v: Value) -> TaskSpec {
         serde_json::from_value(v).expect("spec")
+    }
+
+    #[test]
+    fn a_task_round_trips_through_its_full_spec() {
+        let task = spec(json!({"id": "t1", "payload": {"a": 1}, "priority": "high",
+            "timeout_ms": 500, "max_attempts": 4, "backoff": {"initial_ms": 10},
+            "tags": {"team": "x"}}))
+        .into_task(Some("echo"), &TaskDefaults::default())
+        .unwrap();
+        let again = task
+            .to_spec()
+            .into_task(Some("echo"), &TaskDefaults::default())
+            .unwrap();
+        assert_eq!(again.id, task.id);
+        assert_eq!(again.priority, Priority::High);
+        assert_eq!(again.timeout, task.timeout);
+        assert_eq!(again.max_attempts, 4);
+        assert_eq!(again.backoff, task.backoff);
+        assert_eq!(again.tags, task.tags);
+        assert_eq!(again.payload, task.payload);
     }
 
     fn reject(v: Value) -> ErrorInfo {

@@ -684,7 +684,7 @@ impl Recorded {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             if let Some(s) = self.settled.lock().unwrap().first() {
-                return *s;
+                return s.clone();
             }
             assert!(tokio::time::Instant::now() < deadline, "never settled");
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -724,7 +724,10 @@ async fn a_delivered_task_is_kept_alive_and_settled_when_done() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     d.cancel(&id).await.unwrap();
-    assert_eq!(rec.settled().await, Settlement::Done(TaskStatus::Cancelled));
+    assert_eq!(
+        rec.settled().await,
+        Settlement::Done(TaskStatus::Cancelled, None)
+    );
 
     // Delivered again after it finished here: settled at once, not run.
     let again = Recorded::default();
@@ -741,7 +744,7 @@ async fn a_delivered_task_is_kept_alive_and_settled_when_done() {
     assert!(matches!(err, DispatchError::AlreadyFinished(_)));
     assert_eq!(
         again.settled().await,
-        Settlement::Done(TaskStatus::Cancelled)
+        Settlement::Done(TaskStatus::Cancelled, None)
     );
 }
 
@@ -787,7 +790,7 @@ async fn a_delivered_task_retries_through_its_transport_with_the_delivery_count(
     assert_eq!(done.attempt, 2);
     assert_eq!(
         second.settled().await,
-        Settlement::Done(TaskStatus::Completed)
+        Settlement::Done(TaskStatus::Completed, None)
     );
 }
 

@@ -183,10 +183,18 @@ impl Supervisor {
         delivery: Option<DeliveryHandle>,
     ) {
         let status = body.status().unwrap_or(TaskStatus::Failed);
+        let error = match &body {
+            EventBody::Failed { error, .. } => Some(error.clone()),
+            EventBody::TimedOut { timeout_ms } => Some(ErrorInfo::new(
+                ErrorCode::Timeout,
+                format!("the attempt timed out after {timeout_ms} ms"),
+            )),
+            _ => None,
+        };
         self.emitter
             .task_timed(&task.id, &task.kind, attempt, body, Some(elapsed));
         if let Some(d) = delivery {
-            d.settle(Settlement::Done(status));
+            d.settle(Settlement::Done(status, error));
         }
     }
 
@@ -248,6 +256,11 @@ impl Supervisor {
     fn push_new(&mut self, held: Held, emit_accepted: bool) -> Result<(), DispatchError> {
         let capacity = self.queue.capacity();
         if self.queued() >= capacity {
+            // A delivered task goes back to its transport at once, not
+            // after the lease lapses.
+            if let Some(d) = held.delivery {
+                d.settle(Settlement::Release);
+            }
             return Err(DispatchError::QueueFull { capacity });
         }
         let task = &held.task;
@@ -260,7 +273,12 @@ impl Supervisor {
         let priority = task.priority;
         self.queue
             .push(priority, held)
-            .map_err(|_| DispatchError::QueueFull { capacity })
+            .map_err(|crate::queue::Full(held)| {
+                if let Some(d) = held.delivery {
+                    d.settle(Settlement::Release);
+                }
+                DispatchError::QueueFull { capacity }
+            })
     }
 
     /// If `id` is held already (a transport delivered it again because its
