@@ -19,6 +19,7 @@ use anyhow::Context as _;
 use clap::Args;
 use dispatcher_actors::{DispatcherConfig, NodeId, Priority, RestartPolicy, MAX_WORKERS};
 use dispatcher_nats::codec::Limits;
+use dispatcher_nats::jetstream::{JetStreamOptions, StorageType};
 use dispatcher_nats::{Mode, NodeOptions};
 
 /// The flag (and its variable) that names the configuration file.
@@ -299,8 +300,9 @@ pub struct ServeConfig {
     /// NATS connection.
     #[command(flatten)]
     pub connection: Connection,
-    /// Delivery mode; only `core` (at most once, lowest latency) exists yet.
-    #[arg(long, env = "DISPATCH_MODE", default_value = "core")]
+    /// Delivery mode: `jetstream` (at least once, shared state, many nodes)
+    /// or `core` (at most once, lowest latency).
+    #[arg(long, env = "DISPATCH_MODE", default_value = "jetstream")]
     pub mode: Mode,
     /// This node's id (a subject token); default: host name and a random suffix.
     #[arg(long, env = "DISPATCH_NODE_ID")]
@@ -308,7 +310,9 @@ pub struct ServeConfig {
     /// Worker slots, 1 to 10.
     #[arg(long, env = "DISPATCH_WORKERS", default_value_t = MAX_WORKERS)]
     pub workers: usize,
-    /// Tasks the local queue holds; default workers × 100.
+    /// Tasks the local queue holds; default workers × 100 in core mode and
+    /// workers × 10 in jetstream mode (where it is how far a node pulls
+    /// ahead of its workers, so nodes share a backlog).
     #[arg(long, env = "DISPATCH_QUEUE_CAPACITY")]
     pub queue_capacity: Option<usize>,
     /// Largest submission body, in bytes.
@@ -364,6 +368,31 @@ pub struct ServeConfig {
     /// Most entries in the error list (the oldest go first).
     #[arg(long, env = "DISPATCH_MAX_ERRORS", default_value_t = 1_000)]
     pub max_errors: usize,
+    /// JetStream storage of the streams and buckets: file or memory.
+    #[arg(long, env = "DISPATCH_JS_STORAGE", default_value = "file", value_parser = ["file", "memory"])]
+    pub js_storage: String,
+    /// Replicas of the streams and buckets (in a JetStream cluster).
+    #[arg(long, env = "DISPATCH_JS_REPLICAS", default_value_t = 1)]
+    pub js_replicas: usize,
+    /// A task id published again within this window is dropped as a duplicate.
+    #[arg(long, env = "DISPATCH_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
+    pub duplicate_window: Duration,
+    /// How long a delivery may go unacknowledged before JetStream gives it
+    /// to another node; held tasks are kept alive every --keep-alive-interval.
+    #[arg(long, env = "DISPATCH_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+    /// How often a node renews its lease on the tasks it holds (below --ack-wait).
+    #[arg(long, env = "DISPATCH_KEEP_ALIVE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub keep_alive_interval: Duration,
+    /// Unacknowledged deliveries per consumer, over all nodes.
+    #[arg(long, env = "DISPATCH_MAX_ACK_PENDING", default_value_t = 10_000)]
+    pub max_ack_pending: i64,
+    /// How often an idle node looks for redelivered tasks.
+    #[arg(long, env = "DISPATCH_IDLE_POLL", default_value = "250ms", value_parser = parse_duration)]
+    pub idle_poll: Duration,
+    /// Most tasks one pull asks for.
+    #[arg(long, env = "DISPATCH_FETCH_BATCH", default_value_t = 256)]
+    pub fetch_batch: usize,
     /// A program the `exec` handler may run (repeat the flag, or separate
     /// with commas in the variable). Without any, `exec` is not served.
     #[arg(
@@ -386,7 +415,11 @@ impl ServeConfig {
         };
         let mut config = DispatcherConfig::new(node);
         config.workers = self.workers;
-        config.queue_capacity = self.queue_capacity;
+        config.queue_capacity = self.queue_capacity.or(match self.mode {
+            Mode::JetStream => Some(self.workers.saturating_mul(10)),
+            Mode::Core => None,
+        });
+        config.keep_alive_interval = self.keep_alive_interval;
         config.cancel_grace = self.cancel_grace;
         config.defaults.timeout_ms = self.default_timeout_ms;
         config.defaults.max_attempts = self.default_max_attempts;
@@ -424,6 +457,21 @@ impl ServeConfig {
             heartbeat_interval: self.heartbeat_interval,
             shutdown_timeout: self.shutdown_timeout,
             max_inflight_requests: self.max_inflight_requests,
+            jetstream: JetStreamOptions {
+                storage: if self.js_storage == "memory" {
+                    StorageType::Memory
+                } else {
+                    StorageType::File
+                },
+                replicas: self.js_replicas,
+                duplicate_window: self.duplicate_window,
+                ack_wait: self.ack_wait,
+                max_ack_pending: self.max_ack_pending,
+                idle_poll: self.idle_poll,
+                fetch_batch: self.fetch_batch,
+                retention: self.retention,
+                ..JetStreamOptions::default()
+            },
         }
     }
 }

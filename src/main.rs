@@ -49,7 +49,7 @@ enum Command {
     /// Run a node until SIGINT or SIGTERM, then shut down gracefully.
     ///
     /// Example: dispatcher serve --nats-url nats://127.0.0.1:4222 --workers 10
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Submit one task through `<prefix>.submit.<kind>`; with --wait, follow
     /// its events to the end and exit non-zero unless it completed.
     ///
@@ -162,10 +162,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    // The demo and watch draw on the terminal: only warnings interleave.
+    // A node logs what it does; the client commands print their answers,
+    // and only warnings interleave.
     let default_level = match cli.command {
-        Command::Demo(_) | Command::Watch(_) => "warn",
-        _ => "info",
+        Command::Serve(_) => "info",
+        _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DISPATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -179,7 +180,7 @@ fn main() -> ExitCode {
     }
     let result = actix::System::new().block_on(async move {
         match cli.command {
-            Command::Serve(config) => dispatcher::node::run(config, signal())
+            Command::Serve(config) => dispatcher::node::run(*config, signal())
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Submit(args) => submit(args).await,

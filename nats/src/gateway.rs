@@ -1,12 +1,13 @@
 //! The submit gateway: `<p>.submit.<kind>` requests in queue group
-//! `dispatchers`. Decodes (codec), hands the task to this node's
-//! Dispatcher (core mode: that is how `duplicate_id` and `queue_full` can be
-//! answered truthfully), and replies as PROTOCOL.md says. Refusals also go
-//! out as `rejected` events (the Dispatcher emits them).
+//! `dispatchers`. Decodes (codec) and validates, then, in mode `core`, hands
+//! the task to this node's Dispatcher (that is how `duplicate_id` and
+//! `queue_full` can be answered truthfully), or in mode `jetstream` stores it
+//! durably ([`DurableStore`]) for any node to run; replies as PROTOCOL.md
+//! says. Refusals also go out as `rejected` events.
 
 use std::sync::Arc;
 
-use dispatcher_actors::{Dispatcher, SubmitOptions, TaskSpec};
+use dispatcher_actors::{DispatchError, Dispatcher, SubmitOptions, Submitted, TaskSpec};
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -14,6 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::codec::{Codec, CodecError, Decoded, Limits};
+use crate::jetstream::store::DurableStore;
 use crate::subjects::{Subjects, HEADER_CONTENT_TYPE, QUEUE_GROUP};
 use crate::wire;
 
@@ -24,6 +26,7 @@ pub async fn start(
     dispatcher: Dispatcher,
     limits: Limits,
     max_inflight: usize,
+    store: Option<DurableStore>,
 ) -> Result<JoinHandle<()>, async_nats::SubscribeError> {
     let mut sub = client
         .queue_subscribe(subjects.submit_any(), QUEUE_GROUP.to_owned())
@@ -34,10 +37,18 @@ pub async fn start(
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
-            let (client, subjects, dispatcher) =
-                (client.clone(), subjects.clone(), dispatcher.clone());
+            let (client, subjects, dispatcher, store) = (
+                client.clone(),
+                subjects.clone(),
+                dispatcher.clone(),
+                store.clone(),
+            );
             tokio::spawn(async move {
-                let reply = handle(&subjects, &dispatcher, &limits, &msg).await;
+                let intake = Intake {
+                    dispatcher: &dispatcher,
+                    store: store.as_ref(),
+                };
+                let reply = handle(&subjects, &intake, &limits, &msg).await;
                 if let Some(to) = msg.reply {
                     if let Err(e) = client.publish(to, wire::body(&reply)).await {
                         warn!(error = %e, "Submit reply not sent.");
@@ -59,12 +70,59 @@ pub(crate) fn decode(msg: &async_nats::Message, limits: &Limits) -> Result<Decod
     Codec::from_content_type(content_type)?.decode(&msg.payload, limits)
 }
 
+/// Where valid submissions go.
+struct Intake<'a> {
+    dispatcher: &'a Dispatcher,
+    store: Option<&'a DurableStore>,
+}
+
+impl Intake<'_> {
+    async fn submit(
+        &self,
+        specs: Vec<TaskSpec>,
+        kind: Option<&str>,
+    ) -> Vec<Result<Submitted, DispatchError>> {
+        let Some(store) = self.store else {
+            return self
+                .dispatcher
+                .submit_batch(specs, kind, SubmitOptions::default())
+                .await;
+        };
+        let mut results: Vec<Option<Result<Submitted, DispatchError>>> = Vec::new();
+        let mut valid = Vec::new();
+        for spec in specs {
+            let (id, body_kind) = (spec.id.clone(), spec.kind.clone());
+            match self.dispatcher.validate(spec, kind) {
+                Ok(task) => {
+                    results.push(None);
+                    valid.push(task);
+                }
+                Err(info) => {
+                    let shown = kind.or(body_kind.as_deref());
+                    self.dispatcher.reject(id.as_deref(), shown, info.clone());
+                    results.push(Some(Err(DispatchError::Invalid(info))));
+                }
+            }
+        }
+        let mut stored = store.submit(valid).await.into_iter();
+        results
+            .into_iter()
+            .map(|r| {
+                r.or_else(|| stored.next()).unwrap_or_else(|| {
+                    Err(DispatchError::Unavailable("no answer for the task".into()))
+                })
+            })
+            .collect()
+    }
+}
+
 async fn handle(
     subjects: &Subjects,
-    dispatcher: &Dispatcher,
+    intake: &Intake<'_>,
     limits: &Limits,
     msg: &async_nats::Message,
 ) -> Value {
+    let dispatcher = intake.dispatcher;
     let kind = subjects.token(&msg.subject, 1);
     match decode(msg, limits) {
         Err(e) => {
@@ -73,9 +131,13 @@ async fn handle(
             wire::error(&info)
         }
         Ok(Decoded::One(spec)) => {
-            let r = dispatcher
-                .submit_spec(*spec, kind, SubmitOptions::default())
-                .await;
+            let r = intake
+                .submit(vec![*spec], kind)
+                .await
+                .pop()
+                .unwrap_or_else(|| {
+                    Err(DispatchError::Unavailable("no answer for the task".into()))
+                });
             wire::submit_result(&r)
         }
         Ok(Decoded::Batch(items)) => {
@@ -94,10 +156,7 @@ async fn handle(
                     }
                 }
             }
-            let mut results = dispatcher
-                .submit_batch(specs, kind, SubmitOptions::default())
-                .await
-                .into_iter();
+            let mut results = intake.submit(specs, kind).await.into_iter();
             let replies = replies
                 .into_iter()
                 .map(|r| {

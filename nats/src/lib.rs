@@ -9,17 +9,18 @@
 //! - [`wire`]: reply bodies.
 //! - [`codec`]: JSON and bincode bodies, checked against the limits.
 //! - [`gateway`]: the submit gateway.
-//! - [`ingest`]: tasks published straight onto the queue.
+//! - [`ingest`]: tasks published straight onto the queue (mode `core`).
+//! - [`jetstream`]: mode `jetstream`: streams, pull consumers, deliveries, KV records.
 //! - [`local_server`]: a private `nats-server` for tests and the demo.
 //! - [`client`]: the typed Rust client: submit, follow events, control API.
 //!
-//! Mode `core` only; JetStream mode is not built yet.
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod codec;
 pub mod gateway;
 pub mod ingest;
+pub mod jetstream;
 pub mod local_server;
 pub mod node;
 pub mod publisher;

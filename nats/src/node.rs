@@ -15,16 +15,22 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::codec::Limits;
+use crate::jetstream::cancels::{self, PendingCancels};
+use crate::jetstream::delivery::{DeliveryContext, DeliveryStats};
+use crate::jetstream::records::RecordMirror;
+use crate::jetstream::store::DurableStore;
+use crate::jetstream::{pull, JetStreamOptions, SetupError};
 use crate::publisher::Publisher;
+use crate::service::Shared;
 use crate::subjects::{InvalidPrefix, Subjects};
-use crate::{gateway, ingest, service};
+use crate::{gateway, ingest, jetstream, service};
 
 /// How tasks reach the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Queue-group subscription: at most once, lowest latency.
     Core,
-    /// JetStream pull consumers: at least once (not built yet).
+    /// JetStream pull consumers: at least once, shared task state in KV.
     JetStream,
 }
 
@@ -67,6 +73,8 @@ pub struct NodeOptions {
     pub shutdown_timeout: Duration,
     /// Submit requests processed at once (256).
     pub max_inflight_requests: usize,
+    /// Streams, buckets and consumers of mode `jetstream`.
+    pub jetstream: JetStreamOptions,
 }
 
 impl Default for NodeOptions {
@@ -79,6 +87,7 @@ impl Default for NodeOptions {
             heartbeat_interval: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
             max_inflight_requests: 256,
+            jetstream: JetStreamOptions::default(),
         }
     }
 }
@@ -92,9 +101,15 @@ pub enum NodeError {
     /// The subject prefix is not valid.
     #[error(transparent)]
     Prefix(#[from] InvalidPrefix),
-    /// The mode is not available.
-    #[error("mode {0} is not supported yet; run with --mode core")]
-    Unsupported(&'static str),
+    /// JetStream could not be set up.
+    #[error(transparent)]
+    JetStream(#[from] SetupError),
+    /// The pull consumers could not be made.
+    #[error(transparent)]
+    Pull(#[from] pull::PullError),
+    /// The cancel bucket could not be watched.
+    #[error("watching cancel requests: {0}")]
+    Watch(async_nats::Error),
     /// A subscription failed.
     #[error("subscribing: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
@@ -113,7 +128,26 @@ pub struct Node {
     subjects: Subjects,
     options: NodeOptions,
     service: async_nats::service::Service,
+    pending_cancels: Option<PendingCancels>,
+    intake: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// Hands every event to several sinks.
+struct Tee(Vec<Arc<dyn EventSink>>);
+
+impl EventSink for Tee {
+    fn task_event(&self, event: &dispatcher_actors::TaskEvent) {
+        for sink in &self.0 {
+            sink.task_event(event);
+        }
+    }
+
+    fn node_event(&self, event: &NodeEvent) {
+        for sink in &self.0 {
+            sink.node_event(event);
+        }
+    }
 }
 
 impl Node {
@@ -125,26 +159,79 @@ impl Node {
         handlers: Handlers,
         options: NodeOptions,
     ) -> Result<Node, NodeError> {
-        if options.mode == Mode::JetStream {
-            return Err(NodeError::Unsupported(Mode::JetStream.as_str()));
-        }
         let subjects = Subjects::new(&options.prefix)?;
         let publisher = Publisher::start(client.clone(), subjects.clone(), options.event_buffer);
-        let dispatcher = Dispatcher::start(config, handlers, Arc::new(publisher.clone()))?;
+        let js_options = &options.jetstream;
+        let (durable, sink): (_, Arc<dyn EventSink>) = if options.mode == Mode::JetStream {
+            if config.keep_alive_interval >= js_options.ack_wait {
+                return Err(NodeError::Config(ConfigError(format!(
+                    "the keep-alive interval ({:?}) must be shorter than the ack wait ({:?})",
+                    config.keep_alive_interval, js_options.ack_wait
+                ))));
+            }
+            let durable = jetstream::setup(client.clone(), &subjects, js_options).await?;
+            let mirror = RecordMirror::start(durable.records.clone(), options.event_buffer);
+            let tee = Tee(vec![Arc::new(publisher.clone()), Arc::new(mirror)]);
+            (Some(durable), Arc::new(tee))
+        } else {
+            (None, Arc::new(publisher.clone()))
+        };
+        let dispatcher = Dispatcher::start(config, handlers, sink)?;
         let limits = options.limits;
+        let store = durable
+            .as_ref()
+            .map(|d| DurableStore::new(d.clone(), subjects.clone(), dispatcher.clone()));
         let gateway = gateway::start(
             client.clone(),
             subjects.clone(),
             dispatcher.clone(),
             limits,
             options.max_inflight_requests,
+            store,
         )
         .await?;
-        let ingest =
-            ingest::start_core(client.clone(), subjects.clone(), dispatcher.clone(), limits)
-                .await?;
+        let mut intake = Vec::new();
+        let mut pending_cancels = None;
+        match &durable {
+            None => intake.push(
+                ingest::start_core(client.clone(), subjects.clone(), dispatcher.clone(), limits)
+                    .await?,
+            ),
+            Some(durable) => {
+                let pending = PendingCancels::new(js_options.max_pending_cancels);
+                pending_cancels = Some(pending.clone());
+                intake.push(
+                    cancels::watch(durable.cancels.clone(), pending.clone(), dispatcher.clone())
+                        .await
+                        .map_err(NodeError::Watch)?,
+                );
+                let ctx = DeliveryContext {
+                    js: durable.js.clone(),
+                    subjects: subjects.clone(),
+                    node: dispatcher.node().as_str().to_owned(),
+                    stats: Arc::new(DeliveryStats::default()),
+                };
+                intake.extend(
+                    pull::start(
+                        client.clone(),
+                        durable,
+                        subjects.clone(),
+                        dispatcher.clone(),
+                        limits,
+                        js_options,
+                        ctx,
+                        pending,
+                    )
+                    .await?,
+                );
+            }
+        }
+        let shared = durable.as_ref().map(|d| Shared {
+            records: d.records.clone(),
+            cancels: d.cancels.clone(),
+        });
         let (service, mut service_tasks) =
-            service::start(client.clone(), subjects.clone(), dispatcher.clone())
+            service::start(client.clone(), subjects.clone(), dispatcher.clone(), shared)
                 .await
                 .map_err(NodeError::Service)?;
         let heartbeat = tokio::spawn(heartbeats(
@@ -170,8 +257,10 @@ impl Node {
             subjects,
             options,
             service,
+            pending_cancels,
+            intake,
             tasks: {
-                service_tasks.extend([gateway, ingest, heartbeat]);
+                service_tasks.extend([gateway, heartbeat]);
                 service_tasks
             },
         })
@@ -192,6 +281,14 @@ impl Node {
         &self.subjects
     }
 
+    /// Whether this node knows of a cancel request for `id` (mode
+    /// `jetstream`: it will not run that task if it pulls it).
+    pub fn cancel_requested(&self, id: &str) -> bool {
+        self.pending_cancels
+            .as_ref()
+            .is_some_and(|p| p.contains(id))
+    }
+
     /// Events dropped because the publisher's buffer was full.
     pub fn dropped_events(&self) -> u64 {
         self.publisher.dropped()
@@ -200,7 +297,8 @@ impl Node {
     /// Stops taking work, lets running tasks finish within the shutdown
     /// timeout, publishes `offline` and flushes.
     pub async fn shutdown(self) -> ShutdownReport {
-        for t in &self.tasks {
+        // Stop taking work first: no more pulls, no more submissions.
+        for t in self.intake.iter().chain(&self.tasks) {
             t.abort();
         }
         if let Err(e) = self.service.stop().await {
@@ -216,6 +314,10 @@ impl Node {
                 reason: "shutdown".to_owned(),
             },
         ));
+        // Let the spawned acks and naks of the hand-back go out, then drain.
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
         self.publisher.drain().await;
         info!(node = %self.dispatcher.node(), "Node offline.");
         report

@@ -5,11 +5,16 @@
 //!
 //! In mode `core` a node answers from its own registry, and the service's
 //! queue group sends each request to one node: with several core nodes, a
-//! status request may reach a node that never saw the task.
+//! status request may reach a node that never saw the task. In mode
+//! `jetstream`, `status` and `list` read the shared KV records (any node
+//! answers for the whole cluster) and `cancel` of a task another node holds,
+//! or that waits in the stream, goes through the cancel bucket.
 
+use async_nats::jetstream::kv;
 use async_nats::service::{Service, ServiceExt};
 use dispatcher_actors::{
-    DispatchError, Dispatcher, ErrorCode, ErrorInfo, ListFilter, TaskId, TaskKind, TaskStatus,
+    DispatchError, Dispatcher, ErrorCode, ErrorInfo, ListFilter, TaskId, TaskKind, TaskRecord,
+    TaskStatus,
 };
 use futures::StreamExt;
 use serde::Deserialize;
@@ -17,8 +22,21 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use crate::jetstream::cancels;
 use crate::subjects::{ApiEndpoint, Subjects, QUEUE_GROUP, SERVICE_NAME};
 use crate::wire;
+
+/// Keys a cluster-wide `list` reads at most.
+pub const MAX_LIST_SCAN: usize = 100_000;
+
+/// The shared state of mode `jetstream`.
+#[derive(Clone)]
+pub struct Shared {
+    /// Task records.
+    pub records: kv::Store,
+    /// Cancel requests.
+    pub cancels: kv::Store,
+}
 
 /// Most records or errors one `list` or `errors` request returns.
 pub const MAX_LIST_LIMIT: usize = 10_000;
@@ -28,6 +46,7 @@ pub async fn start(
     client: async_nats::Client,
     subjects: Subjects,
     dispatcher: Dispatcher,
+    shared: Option<Shared>,
 ) -> Result<(Service, Vec<JoinHandle<()>>), async_nats::Error> {
     let service = client
         .service_builder()
@@ -43,9 +62,16 @@ pub async fn start(
             .add(subjects.api(endpoint))
             .await?;
         let dispatcher = dispatcher.clone();
+        let shared = shared.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(request) = requests.next().await {
-                let reply = answer(endpoint, &dispatcher, &request.message.payload).await;
+                let reply = answer(
+                    endpoint,
+                    &dispatcher,
+                    shared.as_ref(),
+                    &request.message.payload,
+                )
+                .await;
                 if let Err(e) = request.respond(Ok(wire::body(&reply))).await {
                     warn!(error = %e, "Control reply not sent.");
                 }
@@ -107,8 +133,13 @@ fn limit(requested: Option<usize>) -> Result<usize, ErrorInfo> {
     }
 }
 
-async fn answer(endpoint: ApiEndpoint, d: &Dispatcher, body: &[u8]) -> Value {
-    match try_answer(endpoint, d, body).await {
+async fn answer(
+    endpoint: ApiEndpoint,
+    d: &Dispatcher,
+    shared: Option<&Shared>,
+    body: &[u8],
+) -> Value {
+    match try_answer(endpoint, d, shared, body).await {
         Ok(v) => v,
         Err(info) => wire::error(&info),
     }
@@ -117,19 +148,42 @@ async fn answer(endpoint: ApiEndpoint, d: &Dispatcher, body: &[u8]) -> Value {
 async fn try_answer(
     endpoint: ApiEndpoint,
     d: &Dispatcher,
+    shared: Option<&Shared>,
     body: &[u8],
 ) -> Result<Value, ErrorInfo> {
     let info = |e: DispatchError| e.to_info();
     match endpoint {
-        ApiEndpoint::Status | ApiEndpoint::Cancel => {
+        ApiEndpoint::Status => {
             let req: IdRequest = parse(body, false)?;
             let id = TaskId::new(req.id)?;
-            if endpoint == ApiEndpoint::Status {
-                let task = d.status(&id).await.map_err(info)?;
-                Ok(json!({"ok": true, "task": task}))
-            } else {
-                let outcome = d.cancel(&id).await.map_err(info)?;
-                Ok(json!({"ok": true, "status": outcome.as_str()}))
+            if let Some(shared) = shared {
+                if let Some(task) = stored_record(shared, &id).await? {
+                    return Ok(json!({"ok": true, "task": task}));
+                }
+            }
+            let task = d.status(&id).await.map_err(info)?;
+            Ok(json!({"ok": true, "task": task}))
+        }
+        ApiEndpoint::Cancel => {
+            let req: IdRequest = parse(body, false)?;
+            let id = TaskId::new(req.id)?;
+            match (d.cancel(&id).await, shared) {
+                (Ok(outcome), _) => Ok(json!({"ok": true, "status": outcome.as_str()})),
+                (Err(DispatchError::NotFound(_)), Some(shared)) => {
+                    let Some(task) = stored_record(shared, &id).await? else {
+                        return Err(info(DispatchError::NotFound(id)));
+                    };
+                    if task.status.is_final() {
+                        return Err(info(DispatchError::AlreadyFinished(id)));
+                    }
+                    cancels::request(&shared.cancels, &id).await.map_err(|e| {
+                        info(DispatchError::Unavailable(format!(
+                            "the cancel request could not be stored: {e}"
+                        )))
+                    })?;
+                    Ok(json!({"ok": true, "status": "cancelling"}))
+                }
+                (Err(e), _) => Err(info(e)),
             }
         }
         ApiEndpoint::List => {
@@ -150,7 +204,10 @@ async fn try_answer(
                 kind,
                 limit: limit(req.limit)?,
             };
-            let tasks = d.list(filter).await.map_err(info)?;
+            let tasks = match shared {
+                Some(shared) => list_stored(shared, &filter).await?,
+                None => d.list(filter).await.map_err(info)?,
+            };
             Ok(json!({"ok": true, "tasks": tasks}))
         }
         ApiEndpoint::Errors => {
@@ -163,4 +220,51 @@ async fn try_answer(
             Ok(json!({"ok": true, "stats": stats}))
         }
     }
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> ErrorInfo {
+    DispatchError::Unavailable(format!("{what}: {e}")).to_info()
+}
+
+/// The shared record of `id`, if KV has one.
+async fn stored_record(shared: &Shared, id: &TaskId) -> Result<Option<TaskRecord>, ErrorInfo> {
+    let Some(bytes) = shared
+        .records
+        .get(id.as_str())
+        .await
+        .map_err(|e| unavailable("reading the task record", e))?
+    else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice(&bytes).ok())
+}
+
+/// Records from KV that match `filter`, newest first; reads at most
+/// [`MAX_LIST_SCAN`] keys.
+async fn list_stored(shared: &Shared, filter: &ListFilter) -> Result<Vec<TaskRecord>, ErrorInfo> {
+    let keys = shared
+        .records
+        .keys()
+        .await
+        .map_err(|e| unavailable("listing task records", e))?;
+    let records = shared.records.clone();
+    let mut found: Vec<TaskRecord> = keys
+        .take(MAX_LIST_SCAN)
+        .filter_map(|k| async move { k.ok() })
+        .map(|key| {
+            let records = records.clone();
+            async move { records.get(key).await.ok().flatten() }
+        })
+        .buffer_unordered(64)
+        .filter_map(|bytes| async move { serde_json::from_slice::<TaskRecord>(&bytes?).ok() })
+        .filter(|r| {
+            let keep = filter.status.is_none_or(|s| r.status == s)
+                && filter.kind.as_ref().is_none_or(|k| &r.kind == k);
+            async move { keep }
+        })
+        .collect()
+        .await;
+    found.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+    found.truncate(filter.limit);
+    Ok(found)
 }

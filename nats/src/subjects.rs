@@ -17,6 +17,8 @@ pub const KV_BUCKET: &str = "dispatch_tasks";
 pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
 /// JetStream's de-duplication header.
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+/// Set on tasks the submit gateway stored (it published `accepted`).
+pub const HEADER_ACCEPTED: &str = "Dispatch-Accepted";
 /// Content type of JSON bodies (the default).
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// Content type of bincode bodies.
@@ -145,6 +147,51 @@ impl Subjects {
         format!("{}.metrics.{node}", self.prefix)
     }
 
+    /// `<p>.tasks.>`: the subjects of the task stream.
+    pub fn tasks_all(&self) -> String {
+        format!("{}.tasks.>", self.prefix)
+    }
+
+    /// `<p>.dead.<kind>`: dead letters of a kind.
+    pub fn dead(&self, kind: &str) -> String {
+        format!("{}.dead.{kind}", self.prefix)
+    }
+
+    /// `<p>.dead.>`: the subjects of the dead-letter stream.
+    pub fn dead_all(&self) -> String {
+        format!("{}.dead.>", self.prefix)
+    }
+
+    /// The prefix as a name token: `.` and `-` become `_`.
+    fn name_token(&self) -> String {
+        self.prefix.replace(['.', '-'], "_")
+    }
+
+    /// The task stream: `DISPATCH_TASKS` for the default prefix.
+    pub fn stream_tasks(&self) -> String {
+        format!("{}_TASKS", self.name_token().to_uppercase())
+    }
+
+    /// The dead-letter stream: `DISPATCH_DEAD` for the default prefix.
+    pub fn stream_dead(&self) -> String {
+        format!("{}_DEAD", self.name_token().to_uppercase())
+    }
+
+    /// The KV bucket of task records: `dispatch_tasks` for the default prefix.
+    pub fn bucket_tasks(&self) -> String {
+        format!("{}_tasks", self.name_token())
+    }
+
+    /// The KV bucket of cancel requests: `dispatch_cancels`.
+    pub fn bucket_cancels(&self) -> String {
+        format!("{}_cancels", self.name_token())
+    }
+
+    /// The durable consumer of one queue subject: `echo_high`.
+    pub fn consumer(&self, kind: &str, priority: Priority) -> String {
+        format!("{kind}_{}", priority.as_str())
+    }
+
     /// `<p>.api.<endpoint>`
     pub fn api(&self, endpoint: ApiEndpoint) -> String {
         format!("{}.api.{}", self.prefix, endpoint.as_str())
@@ -185,6 +232,16 @@ mod tests {
         assert_eq!(s.nodes_any(), "dispatch.nodes.>");
         assert_eq!(s.metrics("n1"), "dispatch.metrics.n1");
         assert_eq!(s.api(ApiEndpoint::Stats), "dispatch.api.stats");
+        assert_eq!(s.tasks_all(), "dispatch.tasks.>");
+        assert_eq!(s.dead("echo"), "dispatch.dead.echo");
+        assert_eq!(s.stream_tasks(), STREAM_TASKS);
+        assert_eq!(s.stream_dead(), "DISPATCH_DEAD");
+        assert_eq!(s.bucket_tasks(), KV_BUCKET);
+        assert_eq!(s.bucket_cancels(), "dispatch_cancels");
+        assert_eq!(s.consumer("echo", Priority::Low), "echo_low");
+        let other = Subjects::new("acme.jobs-2").unwrap();
+        assert_eq!(other.stream_tasks(), "ACME_JOBS_2_TASKS");
+        assert_eq!(other.bucket_tasks(), "acme_jobs_2_tasks");
     }
 
     #[test]

@@ -1,0 +1,172 @@
+//! [`JsDelivery`]: one JetStream delivery of a task, as the actors'
+//! [`Delivery`]. In-progress acks while the node holds it; ack when it
+//! completed; nak with the backoff delay when another attempt follows; nak
+//! at once when the node hands it back; term when it ended otherwise, with
+//! a copy to the dead-letter stream when its attempts are spent.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::jetstream::Context;
+use bytes::Bytes;
+use dispatcher_actors::{Delivery, ErrorInfo, Settlement, TaskStatus, Timestamp};
+use serde_json::json;
+use tracing::warn;
+
+use crate::subjects::{Subjects, HEADER_MSG_ID};
+
+/// Counters of what deliveries did, shared by a node's deliveries.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    /// Tasks copied to the dead-letter stream.
+    pub dead_lettered: AtomicU64,
+    /// Acks (of any kind) the server did not take.
+    pub ack_failures: AtomicU64,
+}
+
+/// What a delivery needs besides its acker: where dead letters go.
+#[derive(Clone)]
+pub struct DeliveryContext {
+    /// JetStream, to publish dead letters.
+    pub js: Context,
+    /// Subjects, for the dead-letter subject.
+    pub subjects: Subjects,
+    /// This node's id, stamped on dead letters.
+    pub node: String,
+    /// Shared counters.
+    pub stats: Arc<DeliveryStats>,
+}
+
+/// One delivery of one task.
+pub struct JsDelivery {
+    acker: Arc<Acker>,
+    ctx: DeliveryContext,
+    id: String,
+    kind: String,
+    attempt: u32,
+    body: Bytes,
+}
+
+impl JsDelivery {
+    /// Wraps the acker of a delivered message carrying `body`.
+    pub fn new(
+        acker: Acker,
+        ctx: DeliveryContext,
+        id: String,
+        kind: String,
+        attempt: u32,
+        body: Bytes,
+    ) -> Self {
+        Self {
+            acker: Arc::new(acker),
+            ctx,
+            id,
+            kind,
+            attempt,
+            body,
+        }
+    }
+
+    /// Settles a delivery that never reached the actors.
+    pub fn settle_now(self, settlement: Settlement) {
+        Box::new(self).settle(settlement);
+    }
+
+    /// Removes an invalid message for good (it was answered with a
+    /// `rejected` event).
+    pub fn terminate(self) {
+        send(self.acker, AckKind::Term, self.ctx.stats, self.id);
+    }
+}
+
+fn send(acker: Arc<Acker>, kind: AckKind, stats: Arc<DeliveryStats>, id: String) {
+    tokio::spawn(async move {
+        if let Err(e) = acker.ack_with(kind).await {
+            stats.ack_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(task_id = %id, error = %e, "Acknowledgement not sent.");
+        }
+    });
+}
+
+impl Delivery for JsDelivery {
+    fn keep_alive(&self) {
+        send(
+            self.acker.clone(),
+            AckKind::Progress,
+            self.ctx.stats.clone(),
+            self.id.clone(),
+        );
+    }
+
+    fn settle(self: Box<Self>, settlement: Settlement) {
+        let JsDelivery {
+            acker,
+            ctx,
+            id,
+            kind,
+            attempt,
+            body,
+        } = *self;
+        let stats = ctx.stats.clone();
+        match settlement {
+            Settlement::Done(TaskStatus::Completed, _) => send(acker, AckKind::Ack, stats, id),
+            Settlement::Done(status @ (TaskStatus::Failed | TaskStatus::TimedOut), error) => {
+                tokio::spawn(async move {
+                    dead_letter(&ctx, &id, &kind, attempt, status, error, body).await;
+                    send(acker, AckKind::Term, stats, id);
+                });
+            }
+            Settlement::Done(_, _) => send(acker, AckKind::Term, stats, id),
+            Settlement::Retry { delay } => send(acker, AckKind::Nak(Some(delay)), stats, id),
+            Settlement::Release => send(acker, AckKind::Nak(None), stats, id),
+        }
+    }
+}
+
+/// Copies a task whose attempts are spent to `<p>.dead.<kind>`, with its
+/// last error, and waits for JetStream to store it (retried a few times:
+/// the term that follows removes the original).
+pub async fn dead_letter(
+    ctx: &DeliveryContext,
+    id: &str,
+    kind: &str,
+    attempts: u32,
+    status: TaskStatus,
+    error: Option<ErrorInfo>,
+    body: Bytes,
+) {
+    let task: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| json!(String::from_utf8_lossy(&body).into_owned()));
+    let letter = json!({
+        "id": id,
+        "kind": kind,
+        "status": status,
+        "attempts": attempts,
+        "error": error,
+        "node": ctx.node,
+        "ts": Timestamp::now(),
+        "task": task,
+    });
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(HEADER_MSG_ID, format!("{id}:dead:{attempts}").as_str());
+    let payload = Bytes::from(letter.to_string());
+    for _ in 0..3 {
+        let published = ctx
+            .js
+            .publish_with_headers(ctx.subjects.dead(kind), headers.clone(), payload.clone())
+            .await;
+        let stored = match published {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(()) => {
+                ctx.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => warn!(task_id = %id, error = %e, "Dead letter not stored; retrying."),
+        }
+    }
+    warn!(task_id = %id, "Dead letter lost after 3 tries.");
+}

@@ -1,0 +1,66 @@
+//! Mode `jetstream`: at-least-once delivery and shared task state.
+//!
+//! - [`setup`]: creates or checks the task stream, the dead-letter stream and
+//!   the KV buckets at start-up.
+//! - [`store`]: the gateway's durable submit (KV create, then a JetStream
+//!   publish whose acknowledgement is awaited).
+//! - [`pull`]: durable pull consumers per (kind, priority), pulled highest
+//!   priority first and never past the local queue's room.
+//! - [`delivery`]: the actors' [`Delivery`](dispatcher_actors::Delivery) on a
+//!   JetStream message: in-progress, ack, nak with delay, term, dead letter.
+//! - [`records`]: the KV mirror of task records, fenced by revision.
+//! - [`cancels`]: cancel requests for tasks no node (or another node) holds.
+
+pub mod cancels;
+pub mod delivery;
+pub mod pull;
+pub mod records;
+pub mod setup;
+pub mod store;
+
+use std::time::Duration;
+
+pub use async_nats::jetstream::stream::StorageType;
+pub use setup::{setup, Durable, SetupError};
+
+/// JetStream settings of a node.
+#[derive(Clone, Debug)]
+pub struct JetStreamOptions {
+    /// Storage of the streams and buckets (file).
+    pub storage: StorageType,
+    /// Replicas of the streams and buckets (1; up to 5 in a cluster).
+    pub replicas: usize,
+    /// Window in which a re-published task id is dropped as a duplicate (2 min).
+    pub duplicate_window: Duration,
+    /// How long a delivery may go without an ack or in-progress ack before
+    /// JetStream redelivers it (30 s). The node sends in-progress acks
+    /// every `keep_alive_interval` of the actors' configuration.
+    pub ack_wait: Duration,
+    /// Unacknowledged deliveries per consumer across all nodes (10 000).
+    pub max_ack_pending: i64,
+    /// How often an idle node looks for redelivered tasks (250 ms); new
+    /// tasks wake it at once.
+    pub idle_poll: Duration,
+    /// Most messages one pull asks for (256).
+    pub fetch_batch: usize,
+    /// Task records' lifetime in KV (24 h).
+    pub retention: Duration,
+    /// Cancel requests remembered for tasks not pulled yet (100 000).
+    pub max_pending_cancels: usize,
+}
+
+impl Default for JetStreamOptions {
+    fn default() -> Self {
+        Self {
+            storage: StorageType::File,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10_000,
+            idle_poll: Duration::from_millis(250),
+            fetch_batch: 256,
+            retention: Duration::from_secs(24 * 3600),
+            max_pending_cancels: 100_000,
+        }
+    }
+}

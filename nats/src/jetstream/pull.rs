@@ -1,0 +1,348 @@
+//! The pull loop: one durable pull consumer per (kind, priority) this node
+//! serves, shared by every node that serves that kind. The loop pulls only
+//! as many tasks as the local queue has room for, always the highest
+//! priority first, so a `critical` task published behind a backlog of
+//! `low` ones starts next.
+//!
+//! A pull is a request to the server, so the loop pulls only from the
+//! consumers that may have something: those whose subject saw a publish (a
+//! core subscription on `<p>.tasks.>` rings the bell), those whose last pull
+//! came back full, and, every `idle_poll`, all of them (redeliveries after
+//! a nak with delay or a lapsed lease ring no bell).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::Message;
+use dispatcher_actors::{
+    DeliveryHandle, Dispatcher, ErrorCode, ErrorInfo, EventBody, Priority, Settlement,
+    SubmitOptions, TaskStatus,
+};
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::cancels::PendingCancels;
+use super::delivery::{DeliveryContext, JsDelivery};
+use super::{Durable, JetStreamOptions};
+use crate::codec::{Codec, Decoded, Limits};
+use crate::subjects::{Subjects, HEADER_ACCEPTED, HEADER_CONTENT_TYPE};
+
+/// One consumer and whether it may have messages.
+struct Source {
+    consumer: PullConsumer,
+    maybe: Arc<AtomicBool>,
+}
+
+/// Why the consumers could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PullError(pub String);
+
+/// Creates (or finds) the consumers and starts the loop; abort the handle
+/// to stop pulling.
+#[allow(clippy::too_many_arguments)]
+pub async fn start(
+    client: async_nats::Client,
+    durable: &Durable,
+    subjects: Subjects,
+    dispatcher: Dispatcher,
+    limits: Limits,
+    options: &JetStreamOptions,
+    ctx: DeliveryContext,
+    cancels: PendingCancels,
+) -> Result<Vec<JoinHandle<()>>, PullError> {
+    let mut levels: Vec<Vec<Source>> = Vec::new();
+    let mut by_subject: HashMap<String, Arc<AtomicBool>> = HashMap::new();
+    for priority in Priority::ALL {
+        let mut level = Vec::new();
+        for kind in dispatcher.kinds() {
+            let name = subjects.consumer(&kind, priority);
+            let filter = subjects.task(&kind, priority);
+            let mut consumer: PullConsumer = durable
+                .tasks
+                .get_or_create_consumer(
+                    &name,
+                    pull::Config {
+                        durable_name: Some(name.clone()),
+                        filter_subject: filter.clone(),
+                        ack_policy: AckPolicy::Explicit,
+                        ack_wait: options.ack_wait,
+                        max_deliver: -1,
+                        max_ack_pending: options.max_ack_pending,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| PullError(format!("creating consumer {name}: {e}")))?;
+            // A server that does not know a field drops it: check that the
+            // filter arrived, or the consumer would take every kind.
+            let info = consumer
+                .info()
+                .await
+                .map_err(|e| PullError(format!("reading consumer {name}: {e}")))?;
+            if info.config.filter_subject != filter {
+                return Err(PullError(format!(
+                    "consumer {name} filters {:?}, not {filter:?}: delete it \
+                     (nats consumer rm {} {name}) and start again",
+                    info.config.filter_subject,
+                    durable.tasks.cached_info().config.name
+                )));
+            }
+            let maybe = Arc::new(AtomicBool::new(true));
+            by_subject.insert(filter, maybe.clone());
+            level.push(Source { consumer, maybe });
+        }
+        levels.push(level);
+    }
+
+    let bell = Arc::new(Notify::new());
+    let mut doorbell = client
+        .subscribe(subjects.tasks_all())
+        .await
+        .map_err(|e| PullError(format!("subscribing to {}: {e}", subjects.tasks_all())))?;
+    let ring = bell.clone();
+    let ringer = tokio::spawn(async move {
+        while let Some(msg) = doorbell.next().await {
+            if let Some(flag) = by_subject.get(msg.subject.as_str()) {
+                flag.store(true, Ordering::Relaxed);
+                ring.notify_one();
+            }
+        }
+    });
+
+    let puller = Puller {
+        subjects,
+        dispatcher,
+        limits,
+        ctx,
+        cancels,
+        fetch_batch: options.fetch_batch.max(1),
+    };
+    let idle_poll = options.idle_poll;
+    let looping = tokio::spawn(async move { puller.run(levels, bell, idle_poll).await });
+    Ok(vec![ringer, looping])
+}
+
+struct Puller {
+    subjects: Subjects,
+    dispatcher: Dispatcher,
+    limits: Limits,
+    ctx: DeliveryContext,
+    cancels: PendingCancels,
+    fetch_batch: usize,
+}
+
+impl Puller {
+    async fn run(self, levels: Vec<Vec<Source>>, bell: Arc<Notify>, idle_poll: Duration) {
+        let mut room = self.dispatcher.room();
+        let mut poll = tokio::time::interval(idle_poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut empty_rounds = 0u32;
+        loop {
+            let free = *room.borrow_and_update();
+            if free == 0 {
+                if room.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let pulled = self.round(&levels, free).await;
+            if pulled > 0 {
+                empty_rounds = 0;
+                continue;
+            }
+            // A bell may ring before the stream has stored the message:
+            // look again shortly a few times before waiting.
+            if empty_rounds < 4
+                && levels
+                    .iter()
+                    .flatten()
+                    .any(|s| s.maybe.load(Ordering::Relaxed))
+            {
+                empty_rounds += 1;
+                tokio::time::sleep(Duration::from_millis(1 << empty_rounds)).await;
+                continue;
+            }
+            empty_rounds = 0;
+            for s in levels.iter().flatten() {
+                s.maybe.store(false, Ordering::Relaxed);
+            }
+            tokio::select! {
+                _ = bell.notified() => {}
+                _ = poll.tick() => {
+                    for s in levels.iter().flatten() {
+                        s.maybe.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pulls from the consumers that may have messages, highest priority
+    /// first, up to `free` tasks. Returns how many it pulled.
+    async fn round(&self, levels: &[Vec<Source>], mut free: usize) -> usize {
+        let mut pulled = 0;
+        for level in levels {
+            for source in level {
+                if free == 0 {
+                    return pulled;
+                }
+                if !source.maybe.swap(false, Ordering::Relaxed) {
+                    continue;
+                }
+                let want = free.min(self.fetch_batch);
+                let mut batch = match source.consumer.fetch().max_messages(want).messages().await {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        warn!(error = %e, "Pull failed.");
+                        source.maybe.store(true, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let mut got = 0;
+                while let Some(msg) = batch.next().await {
+                    match msg {
+                        Ok(msg) => {
+                            got += 1;
+                            self.take(msg).await;
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "Pull ended early.");
+                            break;
+                        }
+                    }
+                }
+                if got == want {
+                    // Full: there is likely more.
+                    source.maybe.store(true, Ordering::Relaxed);
+                }
+                pulled += got;
+                free = free.saturating_sub(got);
+            }
+        }
+        pulled
+    }
+
+    /// Hands one delivered message to the actors, or settles it here when
+    /// it is invalid, cancelled, or out of attempts.
+    async fn take(&self, msg: Message) {
+        let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+        let (msg, acker) = msg.split();
+        let kind = self.subjects.token(&msg.subject, 1).map(str::to_owned);
+        let priority = self
+            .subjects
+            .token(&msg.subject, 2)
+            .and_then(Priority::parse);
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let accepted_before = header(HEADER_ACCEPTED).is_some();
+        let decoded = Codec::from_content_type(header(HEADER_CONTENT_TYPE).as_deref())
+            .and_then(|c| c.decode(&msg.payload, &self.limits));
+        let delivery = |id: &str, kind: &str| {
+            JsDelivery::new(
+                acker,
+                self.ctx.clone(),
+                id.to_owned(),
+                kind.to_owned(),
+                delivered,
+                msg.payload.clone(),
+            )
+        };
+        let mut spec = match decoded {
+            Ok(Decoded::One(spec)) => *spec,
+            Ok(Decoded::Batch(_)) => {
+                let info = ErrorInfo::new(
+                    ErrorCode::InvalidJson,
+                    "one task per message on the queue; send batches to the submit subject",
+                );
+                self.dispatcher.reject(None, kind.as_deref(), info);
+                delivery("_", "_").terminate();
+                return;
+            }
+            Err(e) => {
+                self.dispatcher.reject(None, kind.as_deref(), e.to_info());
+                delivery("_", "_").terminate();
+                return;
+            }
+        };
+        let priority = priority.expect("consumers filter on valid priorities");
+        if let Some(p) = spec.priority.as_deref().filter(|p| *p != priority.as_str()) {
+            let info = ErrorInfo::field(
+                ErrorCode::InvalidField,
+                "priority",
+                format!(
+                    "priority {p:?} in the body differs from priority {:?} of the subject",
+                    priority.as_str()
+                ),
+            );
+            self.dispatcher
+                .reject(spec.id.as_deref(), kind.as_deref(), info);
+            delivery("_", "_").terminate();
+            return;
+        }
+        spec.priority = Some(priority.as_str().to_owned());
+        let mut task = match self.dispatcher.validate(spec.clone(), kind.as_deref()) {
+            Ok(task) => task,
+            Err(info) => {
+                self.dispatcher
+                    .reject(spec.id.as_deref(), kind.as_deref(), info);
+                delivery("_", "_").terminate();
+                return;
+            }
+        };
+        task.attempt = delivered;
+        let id = task.id.as_str().to_owned();
+        let kind = task.kind.as_str().to_owned();
+        if self.cancels.contains(&id) {
+            self.dispatcher.announce(
+                &task,
+                EventBody::Cancelled {
+                    reason: "cancelled on request before it started".to_owned(),
+                },
+            );
+            delivery(&id, &kind).settle_now(Settlement::Done(TaskStatus::Cancelled, None));
+            return;
+        }
+        if delivered > task.max_attempts {
+            // Delivered again after its last attempt began: the node that
+            // held it stopped before it ended.
+            task.attempt = task.max_attempts;
+            let error = ErrorInfo::new(
+                ErrorCode::WorkerCrashed,
+                format!(
+                    "delivered {delivered} times, past max_attempts {}: the node running \
+                     its last attempt stopped",
+                    task.max_attempts
+                ),
+            );
+            self.dispatcher.announce(
+                &task,
+                EventBody::Failed {
+                    error: error.clone(),
+                    duration_ms: 0,
+                },
+            );
+            delivery(&id, &kind).settle_now(Settlement::Done(TaskStatus::Failed, Some(error)));
+            return;
+        }
+        let emit_accepted = delivered == 1 && !accepted_before;
+        let handle = DeliveryHandle::new(delivery(&id, &kind));
+        if let Err(e) = self
+            .dispatcher
+            .submit_delivered(task, handle, SubmitOptions { emit_accepted })
+            .await
+        {
+            debug!(task_id = %id, error = %e, "Delivered task not queued.");
+        }
+    }
+}

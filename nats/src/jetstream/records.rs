@@ -1,0 +1,154 @@
+//! The KV mirror of task records (bucket `dispatch_tasks`, key = task id,
+//! value = the record of PROTOCOL.md). Whichever node holds a task writes
+//! its record at every change of state, off the hot path: events go into a
+//! bounded buffer, and a writer applies them in batches, one KV update per
+//! task per batch, the tasks of a batch concurrently.
+//!
+//! Writes are fenced by revision: a node that lost a task to redelivery
+//! (its lease lapsed, another node runs a later attempt) finds a newer
+//! attempt in KV and discards its stale write, counted in `stale`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_nats::jetstream::kv::{self, UpdateErrorKind};
+use dispatcher_actors::{EventBody, EventSink, NodeEvent, TaskEvent, TaskRecord};
+use futures::future::join_all;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// Events a batch takes at most.
+const BATCH: usize = 512;
+/// Tries of one fenced update before giving up.
+const TRIES: usize = 4;
+
+/// Counters of the mirror.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    /// Records written.
+    pub written: AtomicU64,
+    /// Writes discarded because KV held a newer attempt.
+    pub stale: AtomicU64,
+    /// Events dropped because the buffer was full.
+    pub dropped: AtomicU64,
+    /// Writes that failed.
+    pub failed: AtomicU64,
+}
+
+/// An [`EventSink`] that mirrors task events into KV records.
+#[derive(Clone)]
+pub struct RecordMirror {
+    tx: mpsc::Sender<TaskEvent>,
+    stats: Arc<MirrorStats>,
+}
+
+impl RecordMirror {
+    /// Starts the writer; `buffer` bounds the events waiting.
+    pub fn start(records: kv::Store, buffer: usize) -> Self {
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let stats = Arc::new(MirrorStats::default());
+        tokio::spawn(write(records, rx, stats.clone()));
+        Self { tx, stats }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &MirrorStats {
+        &self.stats
+    }
+}
+
+impl EventSink for RecordMirror {
+    fn task_event(&self, event: &TaskEvent) {
+        // The gateway wrote the queued record; progress is not worth a
+        // write each; a rejected task has no record.
+        if matches!(
+            event.body,
+            EventBody::Accepted { .. } | EventBody::Progress { .. } | EventBody::Rejected { .. }
+        ) {
+            return;
+        }
+        if self.tx.try_send(event.clone()).is_err() {
+            let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == 1 || n.is_multiple_of(1000) {
+                warn!(
+                    dropped = n,
+                    "Record mirror buffer full; record updates dropped."
+                );
+            }
+        }
+    }
+
+    fn node_event(&self, _event: &NodeEvent) {}
+}
+
+async fn write(records: kv::Store, mut rx: mpsc::Receiver<TaskEvent>, stats: Arc<MirrorStats>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let mut by_task: HashMap<String, Vec<TaskEvent>> = HashMap::new();
+        for event in batch.drain(..) {
+            by_task
+                .entry(event.task_id.as_str().to_owned())
+                .or_default()
+                .push(event);
+        }
+        join_all(
+            by_task
+                .into_iter()
+                .map(|(id, events)| apply(&records, id, events, &stats)),
+        )
+        .await;
+    }
+}
+
+/// Applies `events` (in order) to the stored record of `id`.
+async fn apply(records: &kv::Store, id: String, events: Vec<TaskEvent>, stats: &MirrorStats) {
+    let attempt = events.iter().map(|e| e.attempt).max().unwrap_or(0);
+    for _ in 0..TRIES {
+        let entry = match records.entry(id.as_str()).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => entry,
+            Ok(_) => {
+                debug!(task_id = %id, "No record to update (expired or never stored).");
+                return;
+            }
+            Err(e) => {
+                warn!(task_id = %id, error = %e, "Record not read.");
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let Ok(mut record) = serde_json::from_slice::<TaskRecord>(&entry.value) else {
+            warn!(task_id = %id, "Stored record unreadable; not updated.");
+            return;
+        };
+        if record.attempt > attempt || (record.attempt == attempt && record.status.is_final()) {
+            // A later attempt (another node) or this attempt's end is
+            // already there: this write is stale.
+            stats.stale.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        for event in &events {
+            record.apply(event);
+            record.node = Some(event.node.clone());
+        }
+        let Ok(value) = serde_json::to_vec(&record) else {
+            return;
+        };
+        match records
+            .update(id.as_str(), value.into(), entry.revision)
+            .await
+        {
+            Ok(_) => {
+                stats.written.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => {
+                warn!(task_id = %id, error = %e, "Record not written.");
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+    stats.failed.fetch_add(1, Ordering::Relaxed);
+}

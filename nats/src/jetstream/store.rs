@@ -1,0 +1,110 @@
+//! The gateway's durable submit: the task record is created in KV with
+//! create-if-absent (so `duplicate_id` holds across nodes and restarts),
+//! then the task is published to `<p>.tasks.<kind>.<priority>` with
+//! `Nats-Msg-Id` = task id, and the reply goes out only once JetStream has
+//! acknowledged it. The tasks of a batch are stored concurrently.
+
+use async_nats::jetstream::kv::CreateErrorKind;
+use async_nats::HeaderMap;
+use dispatcher_actors::{DispatchError, Dispatcher, EventBody, Submitted, Task, TaskRecord};
+use futures::future::join_all;
+use tracing::warn;
+
+use super::Durable;
+use crate::subjects::{
+    Subjects, CONTENT_TYPE_JSON, HEADER_ACCEPTED, HEADER_CONTENT_TYPE, HEADER_MSG_ID,
+};
+
+/// Stores validated tasks durably.
+#[derive(Clone)]
+pub struct DurableStore {
+    durable: Durable,
+    subjects: Subjects,
+    dispatcher: Dispatcher,
+}
+
+impl DurableStore {
+    /// A store on `durable`.
+    pub fn new(durable: Durable, subjects: Subjects, dispatcher: Dispatcher) -> Self {
+        Self {
+            durable,
+            subjects,
+            dispatcher,
+        }
+    }
+
+    /// Stores each task; answers in the same order. Every refusal also
+    /// goes out as a `rejected` event.
+    pub async fn submit(&self, tasks: Vec<Task>) -> Vec<Result<Submitted, DispatchError>> {
+        join_all(tasks.into_iter().map(|t| self.one(t))).await
+    }
+
+    async fn one(&self, task: Task) -> Result<Submitted, DispatchError> {
+        let result = self.store(&task).await;
+        match &result {
+            Ok(_) => self.dispatcher.announce(
+                &task,
+                EventBody::Accepted {
+                    priority: task.priority,
+                },
+            ),
+            Err(e) => self.dispatcher.reject(
+                Some(task.id.as_str()),
+                Some(task.kind.as_str()),
+                e.to_info(),
+            ),
+        }
+        result
+    }
+
+    async fn store(&self, task: &Task) -> Result<Submitted, DispatchError> {
+        let id = task.id.as_str();
+        let mut record = TaskRecord::queued(task, self.dispatcher.node());
+        record.node = None;
+        let record = serde_json::to_vec(&record).map_err(|e| internal(&e))?;
+        match self.durable.records.create(id, record.into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                return Err(DispatchError::DuplicateId(task.id.clone()));
+            }
+            Err(e) => {
+                return Err(DispatchError::Unavailable(format!(
+                    "the task record could not be stored: {e}"
+                )))
+            }
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_MSG_ID, id);
+        headers.insert(HEADER_CONTENT_TYPE, CONTENT_TYPE_JSON);
+        headers.insert(HEADER_ACCEPTED, "1");
+        let body = serde_json::to_vec(&task.to_spec()).map_err(|e| internal(&e))?;
+        let subject = self.subjects.task(task.kind.as_str(), task.priority);
+        let stored = match self
+            .durable
+            .js
+            .publish_with_headers(subject, headers, body.into())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = stored {
+            // Free the id so that the client may try again.
+            if let Err(del) = self.durable.records.delete(id).await {
+                warn!(task_id = %id, error = %del, "Record of an unstored task not removed.");
+            }
+            return Err(DispatchError::Unavailable(format!(
+                "JetStream did not store the task: {e}"
+            )));
+        }
+        Ok(Submitted {
+            id: task.id.clone(),
+            kind: task.kind.clone(),
+            priority: task.priority,
+        })
+    }
+}
+
+fn internal(e: &serde_json::Error) -> DispatchError {
+    DispatchError::Unavailable(format!("the task could not be encoded: {e}"))
+}

@@ -1,0 +1,528 @@
+//! Mode `jetstream` against a real nats-server (file storage, its own
+//! store directory): durable submits, records in KV, tasks published with
+//! no node online, duplicate ids across nodes, strict priority across a
+//! backlog, cancel in the stream / queued / running on another node,
+//! retries counted by delivery, the dead-letter stream, and a graceful
+//! shutdown that hands tasks to another node without waiting for AckWait.
+//! Every wait has a deadline; nothing sleeps to wait.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use dispatcher_actors::{handler_fn, DispatcherConfig, Handlers, NodeId, TaskError, TaskKind};
+use dispatcher_nats::{LocalServer, Mode, Node, NodeOptions, Subjects};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn kind(name: &str) -> TaskKind {
+    TaskKind::new(name).unwrap()
+}
+
+/// `echo`; `fail` (always fails); `gate` (runs until cancelled, or, with
+/// `quick`, completes at once).
+fn handlers(quick_gate: bool, serve_gate: bool) -> Handlers {
+    let mut h = Handlers::new();
+    h.insert(kind("echo"), handler_fn(|_ctx, p| async move { Ok(p) }));
+    h.insert(
+        kind("fail"),
+        handler_fn(|_ctx, _p| async move { Err(TaskError::new("always fails")) }),
+    );
+    if serve_gate {
+        h.insert(
+            kind("gate"),
+            handler_fn(move |ctx, p| async move {
+                if !quick_gate {
+                    ctx.cancelled().await;
+                    return Err(TaskError::new("cancelled"));
+                }
+                Ok(p)
+            }),
+        );
+    }
+    h
+}
+
+struct Setup {
+    workers: usize,
+    queue: usize,
+    quick_gate: bool,
+    serve_gate: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            queue: 20,
+            quick_gate: false,
+            serve_gate: true,
+        }
+    }
+}
+
+async fn start_node(url: &str, prefix: &str, id: &str, setup: Setup) -> Node {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let mut config = DispatcherConfig::new(NodeId::new(id).unwrap());
+    config.workers = setup.workers;
+    config.queue_capacity = Some(setup.queue);
+    config.keep_alive_interval = Duration::from_secs(5);
+    let mut options = NodeOptions {
+        prefix: prefix.to_owned(),
+        mode: Mode::JetStream,
+        heartbeat_interval: Duration::from_secs(3600),
+        shutdown_timeout: Duration::from_millis(300),
+        ..NodeOptions::default()
+    };
+    options.jetstream.idle_poll = Duration::from_millis(100);
+    let nats = async_nats::connect(url).await.unwrap();
+    Node::start(
+        nats,
+        config,
+        handlers(setup.quick_gate, setup.serve_gate),
+        options,
+    )
+    .await
+    .unwrap()
+}
+
+async fn subscribe(client: &async_nats::Client, subject: String) -> async_nats::Subscriber {
+    let sub = client.subscribe(subject).await.unwrap();
+    client.flush().await.unwrap();
+    sub
+}
+
+async fn request(client: &async_nats::Client, subject: String, body: Value) -> Value {
+    let msg = tokio::time::timeout(DEADLINE, client.request(subject, body.to_string().into()))
+        .await
+        .expect("reply within 10 s")
+        .expect("request");
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
+async fn next_event(sub: &mut async_nats::Subscriber) -> Value {
+    let msg = tokio::time::timeout(DEADLINE, sub.next())
+        .await
+        .expect("event within 10 s")
+        .unwrap();
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
+/// Events until `id` has one named `name`; answers them all.
+async fn until(sub: &mut async_nats::Subscriber, id: &str, name: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let e = next_event(sub).await;
+        let done = e["task_id"] == id && e["event"] == name;
+        seen.push(e);
+        if done {
+            return seen;
+        }
+    }
+}
+
+async fn kv_record(client: &async_nats::Client, bucket: &str, id: &str) -> Option<Value> {
+    let kv = jetstream::new(client.clone())
+        .get_key_value(bucket)
+        .await
+        .unwrap();
+    let bytes = kv.get(id).await.unwrap()?;
+    Some(serde_json::from_slice(&bytes).unwrap())
+}
+
+/// Polls the KV record until `check` holds (records are written off the
+/// hot path, just after the events).
+async fn record_until(
+    client: &async_nats::Client,
+    bucket: &str,
+    id: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(r) = kv_record(client, bucket, id).await {
+            if check(&r) {
+                return r;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "record of {id} not as expected within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix::test]
+async fn a_submitted_task_is_durable_and_its_record_shared_in_kv() {
+    let server = LocalServer::start().unwrap();
+    let node = start_node(&server.url(), "j1", "n1", Setup::default()).await;
+    let subjects = Subjects::new("j1").unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = subscribe(&client, subjects.task_events("t1")).await;
+
+    let reply = request(
+        &client,
+        subjects.submit("echo"),
+        json!({"id": "t1", "payload": {"x": 1}, "priority": "high"}),
+    )
+    .await;
+    assert_eq!(
+        reply,
+        json!({"ok": true, "id": "t1", "kind": "echo", "priority": "high"})
+    );
+    let seen = until(&mut events, "t1", "completed").await;
+    let names: Vec<_> = seen.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert!(
+        names.contains(&"accepted") && names.contains(&"started"),
+        "{names:?}"
+    );
+    assert_eq!(seen.last().unwrap()["result"], json!({"x": 1}));
+
+    // Any language reads the record with a plain KV get.
+    let record = record_until(&client, &subjects.bucket_tasks(), "t1", |r| {
+        r["status"] == "completed"
+    })
+    .await;
+    assert_eq!(record["node"], "n1");
+    assert_eq!(record["attempt"], 1);
+    assert_eq!(record["result"], json!({"x": 1}));
+    // The control API answers from KV.
+    let status = request(
+        &client,
+        subjects.api(dispatcher_nats::ApiEndpoint::Status),
+        json!({"id": "t1"}),
+    )
+    .await;
+    assert_eq!(status["task"]["status"], "completed");
+    // The work-queue stream is empty again: the task was acked.
+    let mut stream = jetstream::new(client.clone())
+        .get_stream(subjects.stream_tasks())
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn a_task_published_with_no_node_online_runs_when_one_starts() {
+    let server = LocalServer::start().unwrap();
+    let subjects = Subjects::new("j2").unwrap();
+    // A first node creates the stream, then goes away.
+    start_node(&server.url(), "j2", "n1", Setup::default())
+        .await
+        .shutdown()
+        .await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    js.publish(
+        subjects.task("echo", dispatcher_actors::Priority::Normal),
+        json!({"id": "offline-1", "payload": "hi"})
+            .to_string()
+            .into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .expect("stored while no node is online");
+    let mut events = subscribe(&client, subjects.task_events("offline-1")).await;
+    let node = start_node(&server.url(), "j2", "n2", Setup::default()).await;
+    let seen = until(&mut events, "offline-1", "completed").await;
+    // Published straight to the queue: the node that takes it says accepted.
+    assert_eq!(seen[0]["event"], "accepted");
+    assert_eq!(seen.last().unwrap()["node"], "n2");
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn duplicate_ids_are_refused_across_nodes() {
+    let server = LocalServer::start().unwrap();
+    let a = start_node(&server.url(), "j3", "a", Setup::default()).await;
+    let b = start_node(&server.url(), "j3", "b", Setup::default()).await;
+    let subjects = Subjects::new("j3").unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let r = request(&client, subjects.submit("echo"), json!({"id": "same"})).await;
+        codes.push(if r["ok"] == true {
+            "ok".to_owned()
+        } else {
+            r["error"]["code"].as_str().unwrap().to_owned()
+        });
+    }
+    assert_eq!(codes[0], "ok");
+    assert!(codes[1..].iter().all(|c| c == "duplicate_id"), "{codes:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[actix::test]
+async fn a_critical_task_starts_next_behind_a_backlog_of_low_ones() {
+    let server = LocalServer::start().unwrap();
+    let subjects = Subjects::new("j4").unwrap();
+    let node = start_node(
+        &server.url(),
+        "j4",
+        "n1",
+        Setup {
+            workers: 1,
+            queue: 1,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut started = subscribe(&client, format!("{}.events.*.*.started", subjects.prefix())).await;
+    // Hold the only worker.
+    let r = request(&client, subjects.submit("gate"), json!({"id": "blocker"})).await;
+    assert_eq!(r["ok"], true);
+    assert_eq!(next_event(&mut started).await["task_id"], "blocker");
+    // 10 000 low tasks, then one critical, all durable before going on.
+    let js = jetstream::new(client.clone());
+    let low = subjects.task("echo", dispatcher_actors::Priority::Low);
+    for chunk in 0..20 {
+        let mut acks = Vec::new();
+        for i in chunk * 500..(chunk + 1) * 500 {
+            let body = json!({"id": format!("low-{i}")}).to_string();
+            acks.push(js.publish(low.clone(), body.into()).await.unwrap());
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+    let critical = subjects.task("echo", dispatcher_actors::Priority::Critical);
+    js.publish(critical, json!({"id": "urgent"}).to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Free the worker: at most the one low task already queued on the
+    // node may go first; then the critical one.
+    let r = request(
+        &client,
+        subjects.api(dispatcher_nats::ApiEndpoint::Cancel),
+        json!({"id": "blocker"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        let e = next_event(&mut started).await;
+        order.push(e["task_id"].as_str().unwrap().to_owned());
+        if order.last().unwrap() == "urgent" {
+            break;
+        }
+    }
+    assert!(order.contains(&"urgent".to_owned()), "started: {order:?}");
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn cancel_works_in_the_stream_queued_and_running_on_another_node() {
+    let server = LocalServer::start().unwrap();
+    let subjects = Subjects::new("j5").unwrap();
+    let node = start_node(
+        &server.url(),
+        "j5",
+        "holder",
+        Setup {
+            workers: 1,
+            queue: 1,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = subscribe(&client, format!("{}.events.>", subjects.prefix())).await;
+    for id in ["running", "queued", "in-stream"] {
+        let r = request(&client, subjects.submit("gate"), json!({"id": id})).await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    until(&mut events, "running", "started").await;
+    // The queued one is on the node, the last in the stream (queue of 1).
+    record_until(&client, &subjects.bucket_tasks(), "running", |r| {
+        r["status"] == "running"
+    })
+    .await;
+
+    // A second node that holds none of them takes the cancel requests: the
+    // service's queue group may send each to either node.
+    let other = start_node(
+        &server.url(),
+        "j5",
+        "other",
+        Setup {
+            serve_gate: false,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let api = subjects.api(dispatcher_nats::ApiEndpoint::Cancel);
+    let r = request(&client, api.clone(), json!({"id": "in-stream"})).await;
+    assert_eq!(r, json!({"ok": true, "status": "cancelling"}));
+    // The holder learns of it through the cancel bucket before it pulls.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !node.cancel_requested("in-stream") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cancel request not seen within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for id in ["queued", "running"] {
+        let r = request(&client, api.clone(), json!({"id": id})).await;
+        assert_eq!(r["ok"], true, "{id}: {r}");
+    }
+    let mut cancelled = std::collections::BTreeSet::new();
+    let mut started_after = Vec::new();
+    while cancelled.len() < 3 {
+        let e = next_event(&mut events).await;
+        match e["event"].as_str().unwrap() {
+            "cancelled" => {
+                cancelled.insert(e["task_id"].as_str().unwrap().to_owned());
+            }
+            "started" => started_after.push(e["task_id"].as_str().unwrap().to_owned()),
+            _ => {}
+        }
+    }
+    assert!(
+        !started_after.contains(&"in-stream".to_owned()),
+        "a task cancelled in the stream never runs: {started_after:?}"
+    );
+    for id in ["in-stream", "queued", "running"] {
+        record_until(&client, &subjects.bucket_tasks(), id, |r| {
+            r["status"] == "cancelled"
+        })
+        .await;
+    }
+    // Cancelling again is refused as finished.
+    let r = request(&client, api, json!({"id": "running"})).await;
+    assert_eq!(r["error"]["code"], "already_finished", "{r}");
+    node.shutdown().await;
+    other.shutdown().await;
+}
+
+#[actix::test]
+async fn retries_count_deliveries_and_spent_tasks_go_to_the_dead_letter_stream() {
+    let server = LocalServer::start().unwrap();
+    let subjects = Subjects::new("j6").unwrap();
+    let node = start_node(&server.url(), "j6", "n1", Setup::default()).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = subscribe(&client, subjects.task_events("doomed")).await;
+    let r = request(
+        &client,
+        subjects.submit("fail"),
+        json!({"id": "doomed", "max_attempts": 3, "backoff": {"initial_ms": 10, "max_ms": 20}}),
+    )
+    .await;
+    assert_eq!(r["ok"], true);
+    let seen = until(&mut events, "doomed", "failed").await;
+    let attempts: Vec<(String, u64)> = seen
+        .iter()
+        .filter(|e| e["event"] != "accepted")
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_owned(),
+                e["attempt"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            ("started".to_owned(), 1),
+            ("retrying".to_owned(), 1),
+            ("started".to_owned(), 2),
+            ("retrying".to_owned(), 2),
+            ("started".to_owned(), 3),
+            ("failed".to_owned(), 3),
+        ]
+    );
+    // The dead letter, with the last error and the task to replay.
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream(subjects.stream_dead()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let letter = loop {
+        match stream
+            .get_last_raw_message_by_subject(&subjects.dead("fail"))
+            .await
+        {
+            Ok(m) => break m,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("no dead letter within 10 s: {e}"),
+        }
+    };
+    let letter: Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(letter["id"], "doomed");
+    assert_eq!(letter["attempts"], 3);
+    assert_eq!(letter["error"]["message"], "always fails");
+    assert_eq!(letter["task"]["max_attempts"], 3);
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn graceful_shutdown_hands_tasks_to_another_node_at_once() {
+    let server = LocalServer::start().unwrap();
+    let subjects = Subjects::new("j7").unwrap();
+    // The first node's gate never opens by itself.
+    let first = start_node(
+        &server.url(),
+        "j7",
+        "first",
+        Setup {
+            workers: 1,
+            queue: 5,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = subscribe(&client, format!("{}.events.>", subjects.prefix())).await;
+    for i in 0..6 {
+        let r = request(
+            &client,
+            subjects.submit("gate"),
+            json!({"id": format!("g{i}")}),
+        )
+        .await;
+        assert_eq!(r["ok"], true);
+    }
+    until(&mut events, "g0", "started").await;
+    record_until(&client, &subjects.bucket_tasks(), "g0", |r| {
+        r["status"] == "running"
+    })
+    .await;
+    let report = first.shutdown().await;
+    assert_eq!(report.interrupted, 1, "{report:?}");
+
+    // The second node completes all six well before AckWait (30 s) would
+    // have given them back.
+    let second = start_node(
+        &server.url(),
+        "j7",
+        "second",
+        Setup {
+            quick_gate: true,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let mut done = std::collections::BTreeSet::new();
+    while done.len() < 6 {
+        let e = next_event(&mut events).await;
+        if e["event"] == "completed" {
+            assert_eq!(e["node"], "second");
+            done.insert(e["task_id"].as_str().unwrap().to_owned());
+        }
+    }
+    // The interrupted attempt counts: g0 ran its second attempt.
+    let g0 = record_until(&client, &subjects.bucket_tasks(), "g0", |r| {
+        r["status"] == "completed"
+    })
+    .await;
+    assert_eq!(g0["attempt"], 2);
+    second.shutdown().await;
+}
