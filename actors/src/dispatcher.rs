@@ -461,6 +461,15 @@ impl Dispatcher {
             .task(&task.id, &task.kind, task.attempt, body);
     }
 
+    /// Forgets a finished task, so that a replay of it runs here again.
+    pub async fn forget_finished(&self, id: &TaskId) {
+        let _ = self
+            .inner
+            .registry
+            .send(registry::ForgetFinished(id.clone()))
+            .await;
+    }
+
     /// Cancels a queued, retrying or running task.
     pub async fn cancel(&self, id: &TaskId) -> Result<CancelOutcome, DispatchError> {
         let reply = self

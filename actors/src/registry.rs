@@ -143,6 +143,27 @@ impl Handler<Forget> for Registry {
     }
 }
 
+/// Removes the record of a finished task, so that the task may run again
+/// (an operator replays it from the dead letters). A task not finished is
+/// left alone.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ForgetFinished(pub TaskId);
+
+impl Handler<ForgetFinished> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ForgetFinished, _ctx: &mut Context<Self>) {
+        if self
+            .records
+            .get(&msg.0)
+            .is_some_and(|r| r.status.is_final())
+        {
+            self.records.remove(&msg.0);
+        }
+    }
+}
+
 /// Folds an event into its task's record (and the error list).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]

@@ -3,6 +3,7 @@
 //! `heartbeat`, metrics and `offline` announcements. The binary's one
 //! entry point into this crate.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tracing::info;
 
 use crate::codec::Limits;
 use crate::jetstream::cancels::{self, PendingCancels};
+use crate::jetstream::cluster::{self, Cluster, HeldDeliveries};
 use crate::jetstream::delivery::{DeliveryContext, DeliveryStats};
 use crate::jetstream::records::RecordMirror;
 use crate::jetstream::store::DurableStore;
@@ -162,6 +164,8 @@ impl Node {
         let subjects = Subjects::new(&options.prefix)?;
         let publisher = Publisher::start(client.clone(), subjects.clone(), options.event_buffer);
         let js_options = &options.jetstream;
+        let held = HeldDeliveries::default();
+        let mut js_parts = None;
         let (durable, sink): (_, Arc<dyn EventSink>) = if options.mode == Mode::JetStream {
             if config.keep_alive_interval >= js_options.ack_wait {
                 return Err(NodeError::Config(ConfigError(format!(
@@ -170,8 +174,14 @@ impl Node {
                 ))));
             }
             let durable = jetstream::setup(client.clone(), &subjects, js_options).await?;
-            let mirror = RecordMirror::start(durable.records.clone(), options.event_buffer);
-            let tee = Tee(vec![Arc::new(publisher.clone()), Arc::new(mirror)]);
+            let mirror =
+                RecordMirror::start(durable.records.clone(), options.event_buffer, held.clone());
+            let tee = Tee(vec![Arc::new(publisher.clone()), Arc::new(mirror.clone())]);
+            js_parts = Some(JsParts {
+                held: held.clone(),
+                mirror,
+                deliveries: Arc::new(DeliveryStats::default()),
+            });
             (Some(durable), Arc::new(tee))
         } else {
             (None, Arc::new(publisher.clone()))
@@ -209,7 +219,11 @@ impl Node {
                     js: durable.js.clone(),
                     subjects: subjects.clone(),
                     node: dispatcher.node().as_str().to_owned(),
-                    stats: Arc::new(DeliveryStats::default()),
+                    stats: js_parts
+                        .as_ref()
+                        .map(|p: &JsParts| p.deliveries.clone())
+                        .unwrap_or_default(),
+                    held: held.clone(),
                 };
                 intake.extend(
                     pull::start(
@@ -226,19 +240,36 @@ impl Node {
                 );
             }
         }
+        let (cluster, cluster_tasks) = cluster::start(
+            client.clone(),
+            &subjects,
+            dispatcher.node().as_str().to_owned(),
+            options.heartbeat_interval,
+            durable.as_ref().map(|d| d.records.clone()),
+        )
+        .await?;
+        intake.extend(cluster_tasks);
         let shared = durable.as_ref().map(|d| Shared {
             records: d.records.clone(),
             cancels: d.cancels.clone(),
+            tasks: d.tasks.clone(),
         });
-        let (service, mut service_tasks) =
-            service::start(client.clone(), subjects.clone(), dispatcher.clone(), shared)
-                .await
-                .map_err(NodeError::Service)?;
+        let (service, mut service_tasks) = service::start(
+            client.clone(),
+            subjects.clone(),
+            dispatcher.clone(),
+            shared,
+            cluster.clone(),
+        )
+        .await
+        .map_err(NodeError::Service)?;
         let heartbeat = tokio::spawn(heartbeats(
             dispatcher.clone(),
             publisher.clone(),
             subjects.clone(),
             options.heartbeat_interval,
+            js_parts,
+            cluster,
         ));
         client.flush().await?;
         let node = dispatcher.node().clone();
@@ -324,11 +355,20 @@ impl Node {
     }
 }
 
+/// What mode `jetstream` adds to the metrics snapshot.
+struct JsParts {
+    held: HeldDeliveries,
+    mirror: RecordMirror,
+    deliveries: Arc<DeliveryStats>,
+}
+
 async fn heartbeats(
     dispatcher: Dispatcher,
     publisher: Publisher,
     subjects: Subjects,
     every: Duration,
+    js: Option<JsParts>,
+    cluster: Cluster,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
@@ -347,12 +387,26 @@ async fn heartbeats(
                 running: stats.running as usize,
             },
         ));
-        let snapshot = json!({
+        let mut snapshot = json!({
             "node": node,
             "ts": dispatcher_actors::Timestamp::now(),
             "stats": stats,
             "dropped_events": publisher.dropped(),
+            "reclaimed": cluster.reclaimed(),
         });
+        if let Some(js) = &js {
+            let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            let m = js.mirror.stats();
+            snapshot["held"] = json!(js.held.acks());
+            snapshot["records"] = json!({
+                "written": count(&m.written),
+                "stale": count(&m.stale),
+                "dropped": count(&m.dropped),
+                "failed": count(&m.failed),
+            });
+            snapshot["dead_lettered"] = json!(count(&js.deliveries.dead_lettered));
+            snapshot["ack_failures"] = json!(count(&js.deliveries.ack_failures));
+        }
         publisher.send(subjects.metrics(node.as_str()), snapshot.to_string().into());
     }
 }

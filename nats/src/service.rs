@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::jetstream::cancels;
+use crate::jetstream::cluster::Cluster;
 use crate::subjects::{ApiEndpoint, Subjects, QUEUE_GROUP, SERVICE_NAME};
 use crate::wire;
 
@@ -36,6 +37,8 @@ pub struct Shared {
     pub records: kv::Store,
     /// Cancel requests.
     pub cancels: kv::Store,
+    /// The task stream, for the backlog of its consumers.
+    pub tasks: async_nats::jetstream::stream::Stream,
 }
 
 /// Most records or errors one `list` or `errors` request returns.
@@ -47,10 +50,11 @@ pub async fn start(
     subjects: Subjects,
     dispatcher: Dispatcher,
     shared: Option<Shared>,
+    cluster: Cluster,
 ) -> Result<(Service, Vec<JoinHandle<()>>), async_nats::Error> {
     let service = client
         .service_builder()
-        .description("dispatcher control API: status, cancel, list, errors, stats")
+        .description("dispatcher control API: status, cancel, list, errors, stats, nodes")
         .queue_group(QUEUE_GROUP)
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await?;
@@ -63,15 +67,15 @@ pub async fn start(
             .await?;
         let dispatcher = dispatcher.clone();
         let shared = shared.clone();
+        let cluster = cluster.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(request) = requests.next().await {
-                let reply = answer(
-                    endpoint,
-                    &dispatcher,
-                    shared.as_ref(),
-                    &request.message.payload,
-                )
-                .await;
+                let context = Context {
+                    dispatcher: &dispatcher,
+                    shared: shared.as_ref(),
+                    cluster: &cluster,
+                };
+                let reply = answer(endpoint, &context, &request.message.payload).await;
                 if let Err(e) = request.respond(Ok(wire::body(&reply))).await {
                     warn!(error = %e, "Control reply not sent.");
                 }
@@ -133,13 +137,15 @@ fn limit(requested: Option<usize>) -> Result<usize, ErrorInfo> {
     }
 }
 
-async fn answer(
-    endpoint: ApiEndpoint,
-    d: &Dispatcher,
-    shared: Option<&Shared>,
-    body: &[u8],
-) -> Value {
-    match try_answer(endpoint, d, shared, body).await {
+/// What an answer may read.
+struct Context<'a> {
+    dispatcher: &'a Dispatcher,
+    shared: Option<&'a Shared>,
+    cluster: &'a Cluster,
+}
+
+async fn answer(endpoint: ApiEndpoint, context: &Context<'_>, body: &[u8]) -> Value {
+    match try_answer(endpoint, context, body).await {
         Ok(v) => v,
         Err(info) => wire::error(&info),
     }
@@ -147,10 +153,10 @@ async fn answer(
 
 async fn try_answer(
     endpoint: ApiEndpoint,
-    d: &Dispatcher,
-    shared: Option<&Shared>,
+    context: &Context<'_>,
     body: &[u8],
 ) -> Result<Value, ErrorInfo> {
+    let (d, shared) = (context.dispatcher, context.shared);
     let info = |e: DispatchError| e.to_info();
     match endpoint {
         ApiEndpoint::Status => {
@@ -217,8 +223,20 @@ async fn try_answer(
         }
         ApiEndpoint::Stats => {
             let stats = d.stats().await.map_err(info)?;
-            Ok(json!({"ok": true, "stats": stats}))
+            let nodes = context.cluster.nodes();
+            let mut reply = json!({
+                "ok": true,
+                "node": d.node(),
+                "stats": stats,
+                "cluster": {"nodes": nodes.len(), "totals": totals(&nodes)},
+                "nodes": nodes,
+            });
+            if let Some(shared) = shared {
+                reply["backlog"] = json!(backlog(shared).await?);
+            }
+            Ok(reply)
         }
+        ApiEndpoint::Nodes => Ok(json!({"ok": true, "nodes": context.cluster.nodes()})),
     }
 }
 
@@ -267,4 +285,44 @@ async fn list_stored(shared: &Shared, filter: &ListFilter) -> Result<Vec<TaskRec
     found.sort_by_key(|r| std::cmp::Reverse(r.created_at));
     found.truncate(filter.limit);
     Ok(found)
+}
+
+/// Sums the counters of the nodes' latest snapshots.
+fn totals(nodes: &[Value]) -> Value {
+    const SUMMED: [&str; 11] = [
+        "submitted",
+        "completed",
+        "failed",
+        "cancelled",
+        "timed_out",
+        "rejected",
+        "retried",
+        "running",
+        "queued",
+        "workers",
+        "worker_restarts",
+    ];
+    let mut totals = serde_json::Map::new();
+    for key in SUMMED {
+        let sum: u64 = nodes.iter().filter_map(|n| n["stats"][key].as_u64()).sum();
+        totals.insert(key.to_owned(), json!(sum));
+    }
+    Value::Object(totals)
+}
+
+/// Tasks waiting in the stream and delivered but unacknowledged, per
+/// consumer (kind and priority).
+async fn backlog(shared: &Shared) -> Result<Vec<Value>, ErrorInfo> {
+    let mut consumers = shared.tasks.consumers();
+    let mut out = Vec::new();
+    while let Some(info) = consumers.next().await {
+        let info = info.map_err(|e| unavailable("reading the consumers", e))?;
+        out.push(json!({
+            "consumer": info.name,
+            "subject": info.config.filter_subject,
+            "pending": info.num_pending,
+            "unacknowledged": info.num_ack_pending,
+        }));
+    }
+    Ok(out)
 }

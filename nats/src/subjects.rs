@@ -19,6 +19,9 @@ pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
 /// Set on tasks the submit gateway stored (it published `accepted`).
 pub const HEADER_ACCEPTED: &str = "Dispatch-Accepted";
+/// Set on a task replayed from the dead letters: it runs again even where
+/// it finished before.
+pub const HEADER_REPLAY: &str = "Dispatch-Replay";
 /// Content type of JSON bodies (the default).
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// Content type of bincode bodies.
@@ -37,16 +40,19 @@ pub enum ApiEndpoint {
     Errors,
     /// Counters and gauges.
     Stats,
+    /// The live nodes.
+    Nodes,
 }
 
 impl ApiEndpoint {
     /// Every endpoint.
-    pub const ALL: [ApiEndpoint; 5] = [
+    pub const ALL: [ApiEndpoint; 6] = [
         ApiEndpoint::Status,
         ApiEndpoint::Cancel,
         ApiEndpoint::List,
         ApiEndpoint::Errors,
         ApiEndpoint::Stats,
+        ApiEndpoint::Nodes,
     ];
 
     /// The endpoint's name (last subject token).
@@ -57,6 +63,7 @@ impl ApiEndpoint {
             ApiEndpoint::List => "list",
             ApiEndpoint::Errors => "errors",
             ApiEndpoint::Stats => "stats",
+            ApiEndpoint::Nodes => "nodes",
         }
     }
 }

@@ -14,6 +14,7 @@ use dispatcher_actors::{Delivery, ErrorInfo, Settlement, TaskStatus, Timestamp};
 use serde_json::json;
 use tracing::warn;
 
+use super::cluster::HeldDeliveries;
 use crate::subjects::{Subjects, HEADER_MSG_ID};
 
 /// Counters of what deliveries did, shared by a node's deliveries.
@@ -36,12 +37,15 @@ pub struct DeliveryContext {
     pub node: String,
     /// Shared counters.
     pub stats: Arc<DeliveryStats>,
+    /// The deliveries this node holds (published with heartbeats).
+    pub held: HeldDeliveries,
 }
 
 /// One delivery of one task.
 pub struct JsDelivery {
     acker: Arc<Acker>,
     ctx: DeliveryContext,
+    ack: String,
     id: String,
     kind: String,
     attempt: u32,
@@ -49,18 +53,22 @@ pub struct JsDelivery {
 }
 
 impl JsDelivery {
-    /// Wraps the acker of a delivered message carrying `body`.
+    /// Wraps the acker of a delivered message carrying `body`; `ack` is
+    /// the delivery's ack subject, noted as held until settled.
     pub fn new(
         acker: Acker,
         ctx: DeliveryContext,
+        ack: String,
         id: String,
         kind: String,
         attempt: u32,
         body: Bytes,
     ) -> Self {
+        ctx.held.insert(&id, &ack);
         Self {
             acker: Arc::new(acker),
             ctx,
+            ack,
             id,
             kind,
             attempt,
@@ -76,6 +84,7 @@ impl JsDelivery {
     /// Removes an invalid message for good (it was answered with a
     /// `rejected` event).
     pub fn terminate(self) {
+        self.ctx.held.remove(&self.id, &self.ack);
         send(self.acker, AckKind::Term, self.ctx.stats, self.id);
     }
 }
@@ -103,11 +112,13 @@ impl Delivery for JsDelivery {
         let JsDelivery {
             acker,
             ctx,
+            ack,
             id,
             kind,
             attempt,
             body,
         } = *self;
+        ctx.held.remove(&id, &ack);
         let stats = ctx.stats.clone();
         match settlement {
             Settlement::Done(TaskStatus::Completed, _) => send(acker, AckKind::Ack, stats, id),

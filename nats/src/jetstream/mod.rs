@@ -10,8 +10,10 @@
 //!   JetStream message: in-progress, ack, nak with delay, term, dead letter.
 //! - [`records`]: the KV mirror of task records, fenced by revision.
 //! - [`cancels`]: cancel requests for tasks no node (or another node) holds.
+//! - [`cluster`]: the live nodes, and fast reclaim of a dead node's tasks.
 
 pub mod cancels;
+pub mod cluster;
 pub mod delivery;
 pub mod pull;
 pub mod records;

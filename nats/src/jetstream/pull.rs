@@ -30,7 +30,7 @@ use super::cancels::PendingCancels;
 use super::delivery::{DeliveryContext, JsDelivery};
 use super::{Durable, JetStreamOptions};
 use crate::codec::{Codec, Decoded, Limits};
-use crate::subjects::{Subjects, HEADER_ACCEPTED, HEADER_CONTENT_TYPE};
+use crate::subjects::{Subjects, HEADER_ACCEPTED, HEADER_CONTENT_TYPE, HEADER_REPLAY};
 
 /// One consumer and whether it may have messages.
 struct Source {
@@ -233,6 +233,11 @@ impl Puller {
     /// it is invalid, cancelled, or out of attempts.
     async fn take(&self, msg: Message) {
         let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+        let ack = msg
+            .reply
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
         let (msg, acker) = msg.split();
         let kind = self.subjects.token(&msg.subject, 1).map(str::to_owned);
         let priority = self
@@ -246,12 +251,14 @@ impl Puller {
                 .map(|v| v.as_str().to_owned())
         };
         let accepted_before = header(HEADER_ACCEPTED).is_some();
+        let replay = header(HEADER_REPLAY).is_some();
         let decoded = Codec::from_content_type(header(HEADER_CONTENT_TYPE).as_deref())
             .and_then(|c| c.decode(&msg.payload, &self.limits));
         let delivery = |id: &str, kind: &str| {
             JsDelivery::new(
                 acker,
                 self.ctx.clone(),
+                ack,
                 id.to_owned(),
                 kind.to_owned(),
                 delivered,
@@ -334,6 +341,9 @@ impl Puller {
             );
             delivery(&id, &kind).settle_now(Settlement::Done(TaskStatus::Failed, Some(error)));
             return;
+        }
+        if replay && delivered == 1 {
+            self.dispatcher.forget_finished(&task.id).await;
         }
         let emit_accepted = delivered == 1 && !accepted_before;
         let handle = DeliveryHandle::new(delivery(&id, &kind));

@@ -18,6 +18,8 @@ use futures::future::join_all;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::cluster::HeldDeliveries;
+
 /// Events a batch takes at most.
 const BATCH: usize = 512;
 /// Tries of one fenced update before giving up.
@@ -44,11 +46,13 @@ pub struct RecordMirror {
 }
 
 impl RecordMirror {
-    /// Starts the writer; `buffer` bounds the events waiting.
-    pub fn start(records: kv::Store, buffer: usize) -> Self {
+    /// Starts the writer; `buffer` bounds the events waiting. A running
+    /// task's record names the ack subject of its delivery (from `held`),
+    /// so that a live node can give it back if this one dies.
+    pub fn start(records: kv::Store, buffer: usize, held: HeldDeliveries) -> Self {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let stats = Arc::new(MirrorStats::default());
-        tokio::spawn(write(records, rx, stats.clone()));
+        tokio::spawn(write(records, rx, stats.clone(), held));
         Self { tx, stats }
     }
 
@@ -82,7 +86,12 @@ impl EventSink for RecordMirror {
     fn node_event(&self, _event: &NodeEvent) {}
 }
 
-async fn write(records: kv::Store, mut rx: mpsc::Receiver<TaskEvent>, stats: Arc<MirrorStats>) {
+async fn write(
+    records: kv::Store,
+    mut rx: mpsc::Receiver<TaskEvent>,
+    stats: Arc<MirrorStats>,
+    held: HeldDeliveries,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let mut by_task: HashMap<String, Vec<TaskEvent>> = HashMap::new();
@@ -92,17 +101,22 @@ async fn write(records: kv::Store, mut rx: mpsc::Receiver<TaskEvent>, stats: Arc
                 .or_default()
                 .push(event);
         }
-        join_all(
-            by_task
-                .into_iter()
-                .map(|(id, events)| apply(&records, id, events, &stats)),
-        )
+        join_all(by_task.into_iter().map(|(id, events)| {
+            let ack = held.ack_of(&id);
+            apply(&records, id, events, ack, &stats)
+        }))
         .await;
     }
 }
 
 /// Applies `events` (in order) to the stored record of `id`.
-async fn apply(records: &kv::Store, id: String, events: Vec<TaskEvent>, stats: &MirrorStats) {
+async fn apply(
+    records: &kv::Store,
+    id: String,
+    events: Vec<TaskEvent>,
+    ack: Option<String>,
+    stats: &MirrorStats,
+) {
     let attempt = events.iter().map(|e| e.attempt).max().unwrap_or(0);
     for _ in 0..TRIES {
         let entry = match records.entry(id.as_str()).await {
@@ -131,7 +145,13 @@ async fn apply(records: &kv::Store, id: String, events: Vec<TaskEvent>, stats: &
             record.apply(event);
             record.node = Some(event.node.clone());
         }
-        let Ok(value) = serde_json::to_vec(&record) else {
+        let Ok(mut value) = serde_json::to_value(&record) else {
+            return;
+        };
+        if let (Some(ack), false) = (&ack, record.status.is_final()) {
+            value["ack"] = serde_json::Value::String(ack.clone());
+        }
+        let Ok(value) = serde_json::to_vec(&value) else {
             return;
         };
         match records
