@@ -5,12 +5,14 @@
 //!
 //! - [`config`]: command-line flags, `DISPATCH_*` variables and the TOML
 //!   file, and the NATS connection they describe.
+//! - [`dead`]: `dispatcher dead list|replay`.
 //! - [`handlers`]: the built-in handlers.
 //! - [`node`]: runs a node until told to stop.
 //! - [`watch`]: live progress bars drawn from task events.
 //! - [`demo`]: `dispatcher demo`.
 
 pub mod config;
+pub mod dead;
 pub mod demo;
 pub mod handlers;
 pub mod node;

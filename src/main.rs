@@ -65,10 +65,18 @@ enum Command {
     ///
     /// Example: dispatcher list --status failed --limit 20
     List(ListArgs),
-    /// Show counters, gauges and durations (control API `stats`).
+    /// Show this node's counters and durations, cluster totals, per-node
+    /// figures and (jetstream mode) the stream backlog per kind and
+    /// priority (control API `stats`).
     Stats(ConnArgs),
     /// Show the latest failed attempts (control API `errors`).
     Errors(ListArgs),
+    /// List live nodes (from their heartbeats), with their figures.
+    Nodes(ConnArgs),
+    /// The dead letters (jetstream mode): tasks whose attempts were spent.
+    ///
+    /// Example: dispatcher dead list --kind report; dispatcher dead replay 0193f0c2-…
+    Dead(dispatcher::dead::DeadArgs),
     /// Follow tasks live: a progress bar per task while it waits or runs,
     /// a line when it ends, and node events (restarts, online, offline).
     ///
@@ -203,6 +211,14 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Stats(a) => api(&a.connection, ApiEndpoint::Stats, json!({})).await,
+            Command::Nodes(a) => api(&a.connection, ApiEndpoint::Nodes, json!({})).await,
+            Command::Dead(a) => dispatcher::dead::run(a).await.map(|found| {
+                if found {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(2)
+                }
+            }),
             Command::Watch(a) => watch(a).await,
             Command::Demo(a) => dispatcher::demo::run(a).await.map(|ok| {
                 if ok {

@@ -382,3 +382,206 @@ async fn serve_runs_submitted_tasks_and_stops_gracefully_on_sigterm() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// Starts `serve` with extra flags, and waits for its `online` event.
+async fn serve_with(url: &str, prefix: &str, node: &str, extra: &[&str]) -> Serve {
+    let client = async_nats::connect(url).await.unwrap();
+    let mut online = client
+        .subscribe(format!("{prefix}.nodes.{node}.online"))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--nats-url",
+            url,
+            "--prefix",
+            prefix,
+            "--node-id",
+            node,
+        ])
+        .args(["--enable-chaos"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let serve = Serve(child);
+    tokio::time::timeout(DEADLINE, online.next())
+        .await
+        .expect("node online within 20 s");
+    serve
+}
+
+#[tokio::test]
+async fn a_killed_nodes_tasks_are_taken_over_long_before_ack_wait() {
+    let server = LocalServer::start().unwrap();
+    let url = server.url();
+    let fast = [
+        "--heartbeat-interval",
+        "200ms",
+        "--ack-wait",
+        "60s",
+        "--workers",
+        "1",
+        "--queue-capacity",
+        "2",
+    ];
+    let mut doomed = serve_with(&url, "rc", "doomed", &fast).await;
+    let client = async_nats::connect(&url).await.unwrap();
+    let mut started = client.subscribe("rc.events.*.*.started").await.unwrap();
+    client.flush().await.unwrap();
+    for i in 0..3 {
+        let out = run(&[
+            "submit",
+            "--nats-url",
+            &url,
+            "--prefix",
+            "rc",
+            "chaos",
+            r#"{"sleep_ms": 120000}"#,
+            "--id",
+            &format!("long-{i}"),
+        ]);
+        assert!(out.status.success());
+    }
+    let first: serde_json::Value = serde_json::from_slice(
+        &tokio::time::timeout(DEADLINE, started.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
+    assert_eq!(first["node"], "doomed");
+
+    // A second node, which must have seen the first one's heartbeats.
+    let _heir = serve_with(
+        &url,
+        "rc",
+        "heir",
+        &["--heartbeat-interval", "200ms", "--workers", "3"],
+    )
+    .await;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let out = run(&["nodes", "--nats-url", &url, "--prefix", "rc"]);
+        let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let names: Vec<&str> = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node"].as_str().unwrap())
+            .collect();
+        if names.contains(&"doomed") && names.contains(&"heir") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "nodes: {nodes}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    doomed.0.kill().unwrap();
+    let killed_at = std::time::Instant::now();
+    let mut taken = std::collections::BTreeSet::new();
+    while taken.len() < 3 {
+        let msg = tokio::time::timeout(DEADLINE, started.next())
+            .await
+            .expect(
+                "the heir starts the dead node's tasks within 20 s, not after the 60 s ack wait",
+            )
+            .unwrap();
+        let e: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+        if e["node"] == "heir" {
+            taken.insert(e["task_id"].as_str().unwrap().to_owned());
+        }
+    }
+    eprintln!(
+        "the killed node's 3 tasks started on another node {:?} after the kill",
+        killed_at.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed() {
+    let server = LocalServer::start().unwrap();
+    let url = server.url();
+    let _node = serve_with(&url, "dl", "dl-node", &[]).await;
+    let failed = run(&[
+        "submit",
+        "--nats-url",
+        &url,
+        "--prefix",
+        "dl",
+        "chaos",
+        r#"{"fail": "bad input"}"#,
+        "--id",
+        "dead-1",
+        "--max-attempts",
+        "1",
+        "--wait",
+    ]);
+    assert_eq!(failed.status.code(), Some(1));
+
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let letters = loop {
+        let out = run(&["dead", "--nats-url", &url, "--prefix", "dl", "list"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if !list["dead"].as_array().unwrap().is_empty() {
+            break list;
+        }
+        assert!(std::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let letter = &letters["dead"][0];
+    assert_eq!(letter["id"], "dead-1");
+    assert_eq!(letter["attempts"], 1);
+    assert_eq!(letter["error"]["message"], "bad input");
+
+    let client = async_nats::connect(&url).await.unwrap();
+    let mut events = client.subscribe("dl.events.*.dead-1.*").await.unwrap();
+    client.flush().await.unwrap();
+    let replay = run(&[
+        "dead",
+        "--nats-url",
+        &url,
+        "--prefix",
+        "dl",
+        "replay",
+        "dead-1",
+    ]);
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stdout)
+    );
+    // It runs again, from attempt 1 (and fails again: the input is still bad).
+    let mut names = Vec::new();
+    while !names.contains(&"failed".to_owned()) {
+        let msg = tokio::time::timeout(DEADLINE, events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let e: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+        names.push(e["event"].as_str().unwrap().to_owned());
+        if e["event"] == "started" {
+            assert_eq!(e["attempt"], 1);
+        }
+    }
+    assert_eq!(names, ["accepted", "started", "failed"]);
+    let missing = run(&[
+        "dead",
+        "--nats-url",
+        &url,
+        "--prefix",
+        "dl",
+        "replay",
+        "nope",
+    ]);
+    assert_eq!(missing.status.code(), Some(2));
+}
