@@ -12,7 +12,9 @@ use clap::Args;
 use dispatcher_actors::{
     BackoffSpec, DispatcherConfig, NodeEvent, TaskEvent, TaskEventName, TaskSpec, MAX_WORKERS,
 };
-use dispatcher_nats::{ApiEndpoint, LocalServer, LocalServerError, Node, NodeOptions, Subjects};
+use dispatcher_nats::{
+    ApiEndpoint, LocalServer, LocalServerError, Mode, Node, NodeOptions, Subjects,
+};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tracing::info;
@@ -51,6 +53,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let subjects = Subjects::new(&prefix)?;
     let mut config = DispatcherConfig::new(default_node_id());
     config.workers = MAX_WORKERS;
+    // Durable mode when the server has JetStream, as `serve` runs by default.
+    let mode = if client.server_info().jetstream {
+        Mode::JetStream
+    } else {
+        eprintln!("The NATS server has no JetStream: the demo runs in core mode.");
+        Mode::Core
+    };
     let node = Node::start(
         client.clone(),
         config,
@@ -60,6 +69,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }),
         NodeOptions {
             prefix: prefix.clone(),
+            mode,
             heartbeat_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(5),
             ..NodeOptions::default()
@@ -68,8 +78,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     .await
     .context("starting the demo node")?;
     eprintln!(
-        "A node with {MAX_WORKERS} workers serves prefix {prefix}; \
-         in another terminal: dispatcher watch --prefix {prefix}"
+        "A node with {MAX_WORKERS} workers serves prefix {prefix} in {} mode; \
+         in another terminal: dispatcher watch --prefix {prefix}",
+        mode.as_str()
     );
 
     let mut tracker = if args.plain {
