@@ -24,6 +24,12 @@ use super::cluster::HeldDeliveries;
 const BATCH: usize = 512;
 /// Tries of one fenced update before giving up.
 const TRIES: usize = 4;
+/// Records of unfinished tasks kept with their revision, so the next write
+/// of the same task needs no read; past this the cache starts over.
+const CACHE: usize = 100_000;
+
+/// A record as this node last wrote it, and its revision.
+type Cached = (TaskRecord, u64);
 
 /// Counters of the mirror.
 #[derive(Debug, Default)]
@@ -93,6 +99,7 @@ async fn write(
     held: HeldDeliveries,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut cache: HashMap<String, Cached> = HashMap::new();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let mut by_task: HashMap<String, Vec<TaskEvent>> = HashMap::new();
         for event in batch.drain(..) {
@@ -101,74 +108,99 @@ async fn write(
                 .or_default()
                 .push(event);
         }
-        join_all(by_task.into_iter().map(|(id, events)| {
+        if cache.len() > CACHE {
+            cache.clear();
+        }
+        let written = join_all(by_task.into_iter().map(|(id, events)| {
             let ack = held.ack_of(&id);
-            apply(&records, id, events, ack, &stats)
+            let cached = cache.remove(&id);
+            async {
+                let kept = apply(&records, &id, events, ack, cached, &stats).await;
+                (id, kept)
+            }
         }))
         .await;
+        for (id, kept) in written {
+            if let Some(kept) = kept {
+                cache.insert(id, kept);
+            }
+        }
     }
 }
 
-/// Applies `events` (in order) to the stored record of `id`.
+/// Applies `events` (in order) to the stored record of `id`, starting
+/// from the cached copy when there is one (a stale revision makes the
+/// update fail, and the record is read afresh). Answers the record and
+/// revision written, if the task is not finished.
 async fn apply(
     records: &kv::Store,
-    id: String,
+    id: &str,
     events: Vec<TaskEvent>,
     ack: Option<String>,
+    mut cached: Option<Cached>,
     stats: &MirrorStats,
-) {
+) -> Option<Cached> {
     let attempt = events.iter().map(|e| e.attempt).max().unwrap_or(0);
     for _ in 0..TRIES {
-        let entry = match records.entry(id.as_str()).await {
-            Ok(Some(entry)) if entry.operation == kv::Operation::Put => entry,
-            Ok(_) => {
-                debug!(task_id = %id, "No record to update (expired or never stored).");
-                return;
-            }
-            Err(e) => {
-                warn!(task_id = %id, error = %e, "Record not read.");
-                stats.failed.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        let Ok(mut record) = serde_json::from_slice::<TaskRecord>(&entry.value) else {
-            warn!(task_id = %id, "Stored record unreadable; not updated.");
-            return;
+        let (mut record, revision) = match cached.take() {
+            Some(cached) => cached,
+            None => read(records, id, stats).await?,
         };
         if record.attempt > attempt || (record.attempt == attempt && record.status.is_final()) {
             // A later attempt (another node) or this attempt's end is
             // already there: this write is stale.
             stats.stale.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         }
         for event in &events {
             record.apply(event);
             record.node = Some(event.node.clone());
         }
         let Ok(mut value) = serde_json::to_value(&record) else {
-            return;
+            return None;
         };
         if let (Some(ack), false) = (&ack, record.status.is_final()) {
             value["ack"] = serde_json::Value::String(ack.clone());
         }
         let Ok(value) = serde_json::to_vec(&value) else {
-            return;
+            return None;
         };
-        match records
-            .update(id.as_str(), value.into(), entry.revision)
-            .await
-        {
-            Ok(_) => {
+        match records.update(id, value.into(), revision).await {
+            Ok(revision) => {
                 stats.written.fetch_add(1, Ordering::Relaxed);
-                return;
+                return (!record.status.is_final()).then_some((record, revision));
             }
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
             Err(e) => {
                 warn!(task_id = %id, error = %e, "Record not written.");
                 stats.failed.fetch_add(1, Ordering::Relaxed);
-                return;
+                return None;
             }
         }
     }
     stats.failed.fetch_add(1, Ordering::Relaxed);
+    None
+}
+
+/// The stored record of `id` and its revision.
+async fn read(records: &kv::Store, id: &str, stats: &MirrorStats) -> Option<Cached> {
+    let entry = match records.entry(id).await {
+        Ok(Some(entry)) if entry.operation == kv::Operation::Put => entry,
+        Ok(_) => {
+            debug!(task_id = %id, "No record to update (expired or never stored).");
+            return None;
+        }
+        Err(e) => {
+            warn!(task_id = %id, error = %e, "Record not read.");
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+    };
+    match serde_json::from_slice::<TaskRecord>(&entry.value) {
+        Ok(record) => Some((record, entry.revision)),
+        Err(_) => {
+            warn!(task_id = %id, "Stored record unreadable; not updated.");
+            None
+        }
+    }
 }
