@@ -585,3 +585,64 @@ async fn dead_letters_are_listed_and_replayed() {
     ]);
     assert_eq!(missing.status.code(), Some(2));
 }
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn credentials_flags_reach_the_server() {
+    let port = free_port();
+    let binary = ["nats-server", "/usr/sbin/nats-server"]
+        .into_iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok())
+        .expect("nats-server installed (scripts/test installs it)");
+    let child = Command::new(binary)
+        .args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--user",
+            "ops",
+            "--pass",
+            "s3cret",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Serve(child);
+    let url = format!("nats://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["stats", "--nats-url", &url, "--max-reconnects", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Wrong password: refused by the server.
+    let err = stats(&["--nats-user", "ops", "--nats-password", "wrong"]);
+    assert!(err.contains("connecting to NATS"), "{err}");
+    // Right password: connected; only no node answers.
+    let err = stats(&["--nats-user", "ops", "--nats-password", "s3cret"]);
+    assert!(err.contains("no dispatcher node answers"), "{err}");
+    // A user without a password is refused by the command line itself.
+    let err = stats(&["--nats-user", "ops"]);
+    assert!(err.contains("--nats-password"), "{err}");
+}
