@@ -42,6 +42,8 @@ pub struct LocalServer {
     port: u16,
     binary: PathBuf,
     store: TempDir,
+    /// Arguments after the common ones (cluster settings of a member).
+    extra: Vec<String>,
 }
 
 impl LocalServer {
@@ -53,17 +55,44 @@ impl LocalServer {
         let mut last = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port()?;
-            let mut child = spawn(&binary, port, &store)?;
-            match wait_ready(&mut child, port) {
+            let mut child = spawn(&binary, port, &store, &[])?;
+            match wait_ready(&mut child, port, &[]) {
                 Ok(()) => {
                     return Ok(Self {
                         child,
                         port,
                         binary,
                         store,
+                        extra: Vec::new(),
                     })
                 }
                 // Someone took the port between our probe and the start.
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(LocalServerError::NotReady { port: 0 }))
+    }
+
+    /// Starts `n` servers (at least 3, what JetStream clustering needs) that
+    /// form one JetStream cluster on loopback: each with its own port, store
+    /// directory and server name (`s1`, `s2`, …), routes to all the others,
+    /// and one cluster name. Returns once every one accepts connections;
+    /// JetStream may still be electing its meta leader then (a few seconds),
+    /// so callers wait until `$JS.API.INFO` answers before relying on it.
+    /// Each member restarts with [`LocalServer::restart`] into the cluster.
+    pub fn cluster(n: usize) -> Result<Vec<Self>, LocalServerError> {
+        if n < 3 {
+            return Err(LocalServerError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a JetStream cluster needs at least 3 servers, not {n}"),
+            )));
+        }
+        let binary = find_binary().ok_or(LocalServerError::NotInstalled)?;
+        let mut last = None;
+        for _ in 0..PORT_ATTEMPTS {
+            match start_cluster(&binary, n) {
+                Ok(servers) => return Ok(servers),
+                // Someone took one of the ports between our probe and the start.
                 Err(e) => last = Some(e),
             }
         }
@@ -84,8 +113,8 @@ impl LocalServer {
     /// store (what was stored in JetStream survives).
     pub fn restart(&mut self) -> Result<(), LocalServerError> {
         self.kill();
-        self.child = spawn(&self.binary, self.port, &self.store)?;
-        wait_ready(&mut self.child, self.port)
+        self.child = spawn(&self.binary, self.port, &self.store, &self.extra)?;
+        wait_ready(&mut self.child, self.port, &self.extra)
     }
 
     fn kill(&mut self) {
@@ -100,12 +129,69 @@ impl Drop for LocalServer {
     }
 }
 
-/// Waits until `port` accepts connections; kills `child` if it never does.
-fn wait_ready(child: &mut Child, port: u16) -> Result<(), LocalServerError> {
+/// One attempt at [`LocalServer::cluster`]: `n` client ports and `n`
+/// route ports, all distinct, then every member started before any is
+/// waited for (a member only settles once its routes connect).
+fn start_cluster(binary: &PathBuf, n: usize) -> Result<Vec<LocalServer>, LocalServerError> {
+    let ports = free_ports(2 * n)?;
+    let (clients, routes) = ports.split_at(n);
+    let name = format!("dispatch-test-{}", clients[0]);
+    let mut servers = Vec::with_capacity(n);
+    for (i, (&port, &route)) in clients.iter().zip(routes).enumerate() {
+        let others: Vec<String> = routes
+            .iter()
+            .filter(|&&r| r != route)
+            .map(|r| format!("nats://127.0.0.1:{r}"))
+            .collect();
+        let extra = vec![
+            "-n".to_owned(),
+            format!("s{}", i + 1),
+            "--cluster_name".to_owned(),
+            name.clone(),
+            "--cluster".to_owned(),
+            format!("nats://127.0.0.1:{route}"),
+            "--routes".to_owned(),
+            others.join(","),
+        ];
+        let store = TempDir::new()?;
+        let child = spawn(binary, port, &store, &extra)?;
+        // Pushed at once so a failure below stops those already started.
+        servers.push(LocalServer {
+            child,
+            port,
+            binary: binary.clone(),
+            store,
+            extra,
+        });
+    }
+    for server in &mut servers {
+        wait_ready(&mut server.child, server.port, &server.extra)?;
+    }
+    Ok(servers)
+}
+
+/// `count` distinct free ports: all probed while the others are held.
+fn free_ports(count: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// Waits until `port` accepts connections from this very server (its INFO
+/// names it: another test's server may have taken the port first); kills
+/// `child` if it never does.
+fn wait_ready(child: &mut Child, port: u16, extra: &[String]) -> Result<(), LocalServerError> {
     let deadline = Instant::now() + START_DEADLINE;
+    let name = server_name(child, extra);
     loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
+        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) {
+            if serves(stream, &name) {
+                return Ok(());
+            }
         }
         if child.try_wait()?.is_some() || Instant::now() > deadline {
             let _ = child.kill();
@@ -116,10 +202,57 @@ fn wait_ready(child: &mut Child, port: u16) -> Result<(), LocalServerError> {
     }
 }
 
-fn spawn(binary: &PathBuf, port: u16, store: &TempDir) -> std::io::Result<Child> {
-    Command::new(binary)
+/// The name a spawned server was given: `-n` of `extra`, else its pid's.
+fn server_name(child: &Child, extra: &[String]) -> String {
+    extra
+        .iter()
+        .position(|a| a == "-n")
+        .and_then(|i| extra.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| format!("local-{}", child.id()))
+}
+
+/// Whether the server behind `stream` says it is `name`.
+fn serves(stream: TcpStream, name: &str) -> bool {
+    use std::io::BufRead as _;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut line = String::new();
+    if std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .is_err()
+    {
+        return false;
+    }
+    line.contains(&format!("\"server_name\":\"{name}\""))
+}
+
+fn spawn(binary: &PathBuf, port: u16, store: &TempDir, extra: &[String]) -> std::io::Result<Child> {
+    // Named after its own pid (see `wait_ready`), unless `extra` names it.
+    let named = extra.iter().any(|a| a == "-n");
+    let mut command = Command::new(binary);
+    command
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(store.path())
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if named {
+        return command.spawn();
+    }
+    // The pid is known only after the spawn: a wrapper shell execs the
+    // server with its own pid as the name.
+    let mut args = vec![binary.display().to_string()];
+    args.extend(["-a", "127.0.0.1", "-p"].map(str::to_owned));
+    args.push(port.to_string());
+    args.extend(["-js", "-sd"].map(str::to_owned));
+    args.push(store.path().display().to_string());
+    args.extend(extra.iter().cloned());
+    Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$@\" -n \"local-$$\"")
+        .arg("sh")
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
