@@ -240,6 +240,14 @@ impl Node {
                 );
             }
         }
+        if durable.is_some() {
+            intake.push(cluster::publish_leases(
+                client.clone(),
+                &subjects,
+                dispatcher.node().as_str().to_owned(),
+                held.clone(),
+            ));
+        }
         let (cluster, cluster_tasks) = cluster::start(
             client.clone(),
             &subjects,
@@ -370,8 +378,8 @@ async fn heartbeats(
     js: Option<JsParts>,
     cluster: Cluster,
 ) {
+    // The first beat goes out at once: a node that dies young is known.
     let mut tick = tokio::time::interval(every);
-    tick.tick().await;
     loop {
         tick.tick().await;
         let (Ok(workers), Ok(stats)) = (dispatcher.workers().await, dispatcher.stats().await)

@@ -199,6 +199,17 @@ impl Subjects {
         format!("{kind}_{}", priority.as_str())
     }
 
+    /// `<p>.leases.<node>`: the deliveries a node holds (mode `jetstream`),
+    /// published as they change, for fast reclaim.
+    pub fn leases(&self, node: &str) -> String {
+        format!("{}.leases.{node}", self.prefix)
+    }
+
+    /// `<p>.leases.*`
+    pub fn leases_any(&self) -> String {
+        format!("{}.leases.*", self.prefix)
+    }
+
     /// `<p>.api.<endpoint>`
     pub fn api(&self, endpoint: ApiEndpoint) -> String {
         format!("{}.api.{}", self.prefix, endpoint.as_str())

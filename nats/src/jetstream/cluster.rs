@@ -2,8 +2,9 @@
 //! tasks.
 //!
 //! Every node publishes a metrics snapshot with each heartbeat, listing the
-//! ack subjects of the deliveries it holds (`held`). Every node keeps the
-//! latest snapshot of every other. A node whose snapshots stop for three
+//! ack subjects of the deliveries it holds (`held`), and the same list on
+//! `<p>.leases.<node>` whenever it changes (at most every 200 ms). Every
+//! node keeps the latest of these for every other. A node whose snapshots stop for three
 //! heartbeat intervals without an `offline` event is dead: the live node
 //! with the smallest id naks every delivery the dead node held (from its
 //! last snapshot, and from the KV records of tasks it was running), so
@@ -24,44 +25,87 @@ use crate::subjects::Subjects;
 
 /// Missed heartbeat intervals after which a node is taken for dead.
 pub const MISSED_HEARTBEATS: u32 = 3;
+/// Ack subjects remembered per node at most (deltas between full lists).
+const MAX_HELD: usize = 100_000;
 /// Records a reclaim reads at most, looking for the dead node's tasks.
 const MAX_RECLAIM_SCAN: usize = 100_000;
 
+/// How often a node publishes its leases when they changed.
+pub const LEASES_EVERY: Duration = Duration::from_millis(200);
+
 /// Deliveries this node holds: task id → ack subject.
 #[derive(Clone, Default)]
-pub struct HeldDeliveries(Arc<Mutex<HashMap<String, String>>>);
+pub struct HeldDeliveries {
+    map: Arc<Mutex<HashMap<String, String>>>,
+    changes: Arc<AtomicU64>,
+}
 
 impl HeldDeliveries {
     /// Notes a delivery.
     pub fn insert(&self, id: &str, ack: &str) {
-        self.0
+        self.map
             .lock()
             .expect("not poisoned")
             .insert(id.to_owned(), ack.to_owned());
+        self.changes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Forgets a delivery (settled).
     pub fn remove(&self, id: &str, ack: &str) {
-        let mut held = self.0.lock().expect("not poisoned");
+        let mut held = self.map.lock().expect("not poisoned");
         if held.get(id).is_some_and(|a| a == ack) {
             held.remove(id);
+            self.changes.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Changes so far (to publish only when something changed).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     /// The ack subject of `id`'s delivery, if held.
     pub fn ack_of(&self, id: &str) -> Option<String> {
-        self.0.lock().expect("not poisoned").get(id).cloned()
+        self.map.lock().expect("not poisoned").get(id).cloned()
     }
 
     /// Every ack subject held.
     pub fn acks(&self) -> Vec<String> {
-        self.0
+        self.map
             .lock()
             .expect("not poisoned")
             .values()
             .cloned()
             .collect()
     }
+}
+
+/// Publishes this node's leases on `<p>.leases.<node>` whenever they
+/// changed, at most every [`LEASES_EVERY`], so that a node that dies is
+/// known to have held what it pulled a moment before.
+pub fn publish_leases(
+    client: async_nats::Client,
+    subjects: &Subjects,
+    node: String,
+    held: HeldDeliveries,
+) -> JoinHandle<()> {
+    let subject = subjects.leases(&node);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LEASES_EVERY);
+        let mut published = 0;
+        loop {
+            tick.tick().await;
+            let changes = held.changes();
+            if changes == published {
+                continue;
+            }
+            published = changes;
+            let body = json!({"node": node, "held": held.acks()}).to_string();
+            if let Err(e) = client.publish(subject.clone(), body.into()).await {
+                warn!(error = %e, "Leases not published.");
+            }
+        }
+    })
 }
 
 /// What is known of one node.
@@ -150,6 +194,10 @@ pub async fn start(
     let mut offline = client
         .subscribe(format!("{}.nodes.*.offline", subjects.prefix()))
         .await?;
+    let mut online = client
+        .subscribe(format!("{}.nodes.*.online", subjects.prefix()))
+        .await?;
+    let mut leases = client.subscribe(subjects.leases_any()).await?;
     let view = cluster.clone();
     let listen = tokio::spawn(async move {
         loop {
@@ -164,6 +212,41 @@ pub async fn start(
                     view.peers.lock().expect("not poisoned").insert(
                         node,
                         Peer { last_seen: Instant::now(), snapshot, held, gone: false },
+                    );
+                }
+                Some(msg) = leases.next() => {
+                    // A full list (`held`) replaces; a delta (`add`) adds.
+                    let Ok(body) = serde_json::from_slice::<Value>(&msg.payload) else { continue };
+                    let Some(node) = body["node"].as_str() else { continue };
+                    let strings = |v: &Value| -> Vec<String> {
+                        v.as_array()
+                            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+                            .unwrap_or_default()
+                    };
+                    let mut peers = view.peers.lock().expect("not poisoned");
+                    let peer = peers.entry(node.to_owned()).or_insert_with(|| Peer {
+                        last_seen: Instant::now(),
+                        snapshot: Value::Null,
+                        held: Vec::new(),
+                        gone: false,
+                    });
+                    peer.last_seen = Instant::now();
+                    if body.get("held").is_some() {
+                        peer.held = strings(&body["held"]);
+                    }
+                    peer.held.extend(strings(&body["add"]));
+                    if peer.held.len() > MAX_HELD {
+                        let excess = peer.held.len() - MAX_HELD;
+                        peer.held.drain(..excess);
+                    }
+                }
+                Some(msg) = online.next() => {
+                    // Known from its first breath, before its first snapshot.
+                    let Ok(event) = serde_json::from_slice::<Value>(&msg.payload) else { continue };
+                    let Some(node) = event["node"].as_str() else { continue };
+                    view.peers.lock().expect("not poisoned").insert(
+                        node.to_owned(),
+                        Peer { last_seen: Instant::now(), snapshot: Value::Null, held: Vec::new(), gone: false },
                     );
                 }
                 Some(msg) = offline.next() => {

@@ -32,6 +32,9 @@ use super::{Durable, JetStreamOptions};
 use crate::codec::{Codec, Decoded, Limits};
 use crate::subjects::{Subjects, HEADER_ACCEPTED, HEADER_CONTENT_TYPE, HEADER_REPLAY};
 
+/// How long a pull may go without an answer before it is given up.
+const PULL_STALL: Duration = Duration::from_secs(5);
+
 /// One consumer and whether it may have messages.
 struct Source {
     consumer: PullConsumer,
@@ -116,6 +119,8 @@ pub async fn start(
     });
 
     let puller = Puller {
+        leases: subjects.leases(dispatcher.node().as_str()),
+        client: client.clone(),
         subjects,
         dispatcher,
         limits,
@@ -129,6 +134,8 @@ pub async fn start(
 }
 
 struct Puller {
+    client: async_nats::Client,
+    leases: String,
     subjects: Subjects,
     dispatcher: Dispatcher,
     limits: Limits,
@@ -205,18 +212,30 @@ impl Puller {
                         continue;
                     }
                 };
-                let mut got = 0;
-                while let Some(msg) = batch.next().await {
-                    match msg {
-                        Ok(msg) => {
-                            got += 1;
-                            self.take(msg).await;
-                        }
-                        Err(e) => {
+                let mut messages = Vec::with_capacity(want);
+                loop {
+                    // A pull request lost in a reconnect is never answered:
+                    // give up on it rather than wait for ever (what it may
+                    // still deliver comes back after the ack wait).
+                    let next = tokio::time::timeout(PULL_STALL, batch.next()).await;
+                    match next {
+                        Ok(Some(Ok(msg))) => messages.push(msg),
+                        Ok(Some(Err(e))) => {
                             debug!(error = %e, "Pull ended early.");
                             break;
                         }
+                        Ok(None) => break,
+                        Err(_) => {
+                            warn!("A pull got no answer; pulling anew.");
+                            source.maybe.store(true, Ordering::Relaxed);
+                            break;
+                        }
                     }
+                }
+                let got = messages.len();
+                self.announce_leases(&messages).await;
+                for msg in messages {
+                    self.take(msg).await;
                 }
                 if got == want {
                     // Full: there is likely more.
@@ -227,6 +246,22 @@ impl Puller {
             }
         }
         pulled
+    }
+
+    /// Tells the other nodes, before any of them runs, which deliveries
+    /// this node now holds: if it dies, they are given back at once.
+    async fn announce_leases(&self, messages: &[Message]) {
+        let add: Vec<&str> = messages
+            .iter()
+            .filter_map(|m| m.reply.as_ref().map(|r| r.as_str()))
+            .collect();
+        if add.is_empty() {
+            return;
+        }
+        let body = serde_json::json!({"node": self.dispatcher.node(), "add": add}).to_string();
+        if let Err(e) = self.client.publish(self.leases.clone(), body.into()).await {
+            debug!(error = %e, "Leases not announced.");
+        }
     }
 
     /// Hands one delivered message to the actors, or settles it here when

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, UpdateErrorKind};
 use dispatcher_actors::{EventBody, EventSink, NodeEvent, TaskEvent, TaskRecord};
@@ -22,8 +23,10 @@ use super::cluster::HeldDeliveries;
 
 /// Events a batch takes at most.
 const BATCH: usize = 512;
-/// Tries of one fenced update before giving up.
-const TRIES: usize = 4;
+/// Tries of one fenced update before giving up; failures other than a
+/// stale revision (the server is away) back off from 100 ms, doubling, so
+/// the tries span about 25 s.
+const TRIES: usize = 8;
 /// Records of unfinished tasks kept with their revision, so the next write
 /// of the same task needs no read; past this the cache starts over.
 const CACHE: usize = 100_000;
@@ -141,10 +144,19 @@ async fn apply(
     stats: &MirrorStats,
 ) -> Option<Cached> {
     let attempt = events.iter().map(|e| e.attempt).max().unwrap_or(0);
+    let mut pause = Duration::from_millis(100);
     for _ in 0..TRIES {
         let (mut record, revision) = match cached.take() {
             Some(cached) => cached,
-            None => read(records, id, stats).await?,
+            None => match read(records, id).await {
+                Read::Found(cached) => *cached,
+                Read::Gone => return None,
+                Read::Failed => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    continue;
+                }
+            },
         };
         if record.attempt > attempt || (record.attempt == attempt && record.status.is_final()) {
             // A later attempt (another node) or this attempt's end is
@@ -172,35 +184,44 @@ async fn apply(
             }
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
             Err(e) => {
-                warn!(task_id = %id, error = %e, "Record not written.");
-                stats.failed.fetch_add(1, Ordering::Relaxed);
-                return None;
+                debug!(task_id = %id, error = %e, "Record not written; trying again.");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
             }
         }
     }
+    warn!(task_id = %id, "Record not written after {TRIES} tries.");
     stats.failed.fetch_add(1, Ordering::Relaxed);
     None
 }
 
+/// What reading a record found.
+enum Read {
+    Found(Box<Cached>),
+    /// No record (expired, never stored, unreadable): nothing to update.
+    Gone,
+    /// The server did not answer.
+    Failed,
+}
+
 /// The stored record of `id` and its revision.
-async fn read(records: &kv::Store, id: &str, stats: &MirrorStats) -> Option<Cached> {
+async fn read(records: &kv::Store, id: &str) -> Read {
     let entry = match records.entry(id).await {
         Ok(Some(entry)) if entry.operation == kv::Operation::Put => entry,
         Ok(_) => {
             debug!(task_id = %id, "No record to update (expired or never stored).");
-            return None;
+            return Read::Gone;
         }
         Err(e) => {
-            warn!(task_id = %id, error = %e, "Record not read.");
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            return None;
+            debug!(task_id = %id, error = %e, "Record not read; trying again.");
+            return Read::Failed;
         }
     };
     match serde_json::from_slice::<TaskRecord>(&entry.value) {
-        Ok(record) => Some((record, entry.revision)),
+        Ok(record) => Read::Found(Box::new((record, entry.revision))),
         Err(_) => {
             warn!(task_id = %id, "Stored record unreadable; not updated.");
-            None
+            Read::Gone
         }
     }
 }

@@ -79,15 +79,26 @@ impl DurableStore {
         headers.insert(HEADER_ACCEPTED, "1");
         let body = serde_json::to_vec(&task.to_spec()).map_err(|e| internal(&e))?;
         let subject = self.subjects.task(task.kind.as_str(), task.priority);
-        let stored = match self
-            .durable
-            .js
-            .publish_with_headers(subject, headers, body.into())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        // Retried with the same Nats-Msg-Id: a retry of a publish that was
+        // stored after all is dropped as a duplicate.
+        let mut stored = Err(String::new());
+        let mut pause = std::time::Duration::from_millis(100);
+        for _ in 0..4 {
+            stored = match self
+                .durable
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), body.clone().into())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if stored.is_ok() {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
         if let Err(e) = stored {
             // Free the id so that the client may try again.
             if let Err(del) = self.durable.records.delete(id).await {
