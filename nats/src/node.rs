@@ -188,9 +188,14 @@ impl Node {
         };
         let dispatcher = Dispatcher::start(config, handlers, sink)?;
         let limits = options.limits;
-        let store = durable
-            .as_ref()
-            .map(|d| DurableStore::new(d.clone(), subjects.clone(), dispatcher.clone()));
+        let store = durable.as_ref().zip(js_parts.as_ref()).map(|(d, parts)| {
+            DurableStore::new(
+                d.clone(),
+                subjects.clone(),
+                dispatcher.clone(),
+                parts.mirror.clone(),
+            )
+        });
         let gateway = gateway::start(
             client.clone(),
             subjects.clone(),
@@ -235,6 +240,10 @@ impl Node {
                         js_options,
                         ctx,
                         pending,
+                        js_parts
+                            .as_ref()
+                            .map(|p| p.mirror.clone())
+                            .expect("set in jetstream mode"),
                     )
                     .await?,
                 );

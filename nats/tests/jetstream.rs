@@ -232,6 +232,12 @@ async fn a_task_published_with_no_node_online_runs_when_one_starts() {
     // Published straight to the queue: the node that takes it says accepted.
     assert_eq!(seen[0]["event"], "accepted");
     assert_eq!(seen.last().unwrap()["node"], "n2");
+    // The node that pulled it created its record.
+    let record = record_until(&client, &subjects.bucket_tasks(), "offline-1", |r| {
+        r["status"] == "completed"
+    })
+    .await;
+    assert_eq!(record["result"], "hi");
     node.shutdown().await;
 }
 

@@ -19,7 +19,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::Message;
 use dispatcher_actors::{
     DeliveryHandle, Dispatcher, ErrorCode, ErrorInfo, EventBody, Priority, Settlement,
-    SubmitOptions, TaskStatus,
+    SubmitOptions, TaskRecord, TaskStatus,
 };
 use futures::StreamExt;
 use tokio::sync::Notify;
@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 
 use super::cancels::PendingCancels;
 use super::delivery::{DeliveryContext, JsDelivery};
+use super::records::RecordMirror;
 use super::{Durable, JetStreamOptions};
 use crate::codec::{Codec, Decoded, Limits};
 use crate::subjects::{Subjects, HEADER_ACCEPTED, HEADER_CONTENT_TYPE, HEADER_REPLAY};
@@ -58,6 +59,7 @@ pub async fn start(
     options: &JetStreamOptions,
     ctx: DeliveryContext,
     cancels: PendingCancels,
+    mirror: RecordMirror,
 ) -> Result<Vec<JoinHandle<()>>, PullError> {
     let mut levels: Vec<Vec<Source>> = Vec::new();
     let mut by_subject: HashMap<String, Arc<AtomicBool>> = HashMap::new();
@@ -119,6 +121,7 @@ pub async fn start(
     });
 
     let puller = Puller {
+        mirror,
         leases: subjects.leases(dispatcher.node().as_str()),
         client: client.clone(),
         subjects,
@@ -134,6 +137,7 @@ pub async fn start(
 }
 
 struct Puller {
+    mirror: RecordMirror,
     client: async_nats::Client,
     leases: String,
     subjects: Subjects,
@@ -381,6 +385,12 @@ impl Puller {
             self.dispatcher.forget_finished(&task.id).await;
         }
         let emit_accepted = delivered == 1 && !accepted_before;
+        if emit_accepted {
+            // Published straight to the queue: no record yet.
+            let mut record = TaskRecord::queued(&task, self.dispatcher.node());
+            record.node = None;
+            self.mirror.seed(record, None);
+        }
         let handle = DeliveryHandle::new(delivery(&id, &kind));
         if let Err(e) = self
             .dispatcher

@@ -47,10 +47,29 @@ pub struct MirrorStats {
     pub failed: AtomicU64,
 }
 
+/// What the writer is handed.
+enum Op {
+    /// A task event to fold into the record.
+    Event(TaskEvent),
+    /// A record to start from: stored already at `revision` (by the
+    /// gateway of this node), or, without one, to create if absent (a task
+    /// published straight to the queue has no record yet).
+    Seed(Box<TaskRecord>, Option<u64>),
+}
+
+impl Op {
+    fn task_id(&self) -> &str {
+        match self {
+            Op::Event(e) => e.task_id.as_str(),
+            Op::Seed(r, _) => r.id.as_str(),
+        }
+    }
+}
+
 /// An [`EventSink`] that mirrors task events into KV records.
 #[derive(Clone)]
 pub struct RecordMirror {
-    tx: mpsc::Sender<TaskEvent>,
+    tx: mpsc::Sender<Op>,
     stats: Arc<MirrorStats>,
 }
 
@@ -69,6 +88,24 @@ impl RecordMirror {
     pub fn stats(&self) -> &MirrorStats {
         &self.stats
     }
+
+    /// Hands the writer a task's first record: stored at `revision`
+    /// already, or (without) to be created if absent. Saves a read.
+    pub fn seed(&self, record: TaskRecord, revision: Option<u64>) {
+        self.send(Op::Seed(Box::new(record), revision));
+    }
+
+    fn send(&self, op: Op) {
+        if self.tx.try_send(op).is_err() {
+            let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == 1 || n.is_multiple_of(1000) {
+                warn!(
+                    dropped = n,
+                    "Record mirror buffer full; record updates dropped."
+                );
+            }
+        }
+    }
 }
 
 impl EventSink for RecordMirror {
@@ -81,15 +118,7 @@ impl EventSink for RecordMirror {
         ) {
             return;
         }
-        if self.tx.try_send(event.clone()).is_err() {
-            let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if n == 1 || n.is_multiple_of(1000) {
-                warn!(
-                    dropped = n,
-                    "Record mirror buffer full; record updates dropped."
-                );
-            }
-        }
+        self.send(Op::Event(event.clone()));
     }
 
     fn node_event(&self, _event: &NodeEvent) {}
@@ -97,28 +126,30 @@ impl EventSink for RecordMirror {
 
 async fn write(
     records: kv::Store,
-    mut rx: mpsc::Receiver<TaskEvent>,
+    mut rx: mpsc::Receiver<Op>,
     stats: Arc<MirrorStats>,
     held: HeldDeliveries,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut cache: HashMap<String, Cached> = HashMap::new();
     while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let mut by_task: HashMap<String, Vec<TaskEvent>> = HashMap::new();
-        for event in batch.drain(..) {
-            by_task
-                .entry(event.task_id.as_str().to_owned())
-                .or_default()
-                .push(event);
+        let mut by_task: HashMap<String, Vec<Op>> = HashMap::new();
+        for op in batch.drain(..) {
+            by_task.entry(op.task_id().to_owned()).or_default().push(op);
         }
         if cache.len() > CACHE {
             cache.clear();
         }
-        let written = join_all(by_task.into_iter().map(|(id, events)| {
+        let written = join_all(by_task.into_iter().map(|(id, ops)| {
             let ack = held.ack_of(&id);
             let cached = cache.remove(&id);
             async {
-                let kept = apply(&records, &id, events, ack, cached, &stats).await;
+                let (cached, events) = seed(&records, &id, ops, cached).await;
+                let kept = if events.is_empty() {
+                    cached
+                } else {
+                    apply(&records, &id, events, ack, cached, &stats).await
+                };
                 (id, kept)
             }
         }))
@@ -129,6 +160,34 @@ async fn write(
             }
         }
     }
+}
+
+/// Takes the seeds among `ops` (creating records where asked); answers
+/// the record to start from and the events to apply.
+async fn seed(
+    records: &kv::Store,
+    id: &str,
+    ops: Vec<Op>,
+    mut cached: Option<Cached>,
+) -> (Option<Cached>, Vec<TaskEvent>) {
+    let mut events = Vec::new();
+    for op in ops {
+        match op {
+            Op::Event(e) => events.push(e),
+            Op::Seed(record, Some(revision)) => cached = Some((*record, revision)),
+            Op::Seed(record, None) => {
+                let Ok(value) = serde_json::to_vec(&*record) else {
+                    continue;
+                };
+                // Absent: this is the record; present (or the server away):
+                // read what is there when it is needed.
+                if let Ok(revision) = records.create(id, value.into()).await {
+                    cached = Some((*record, revision));
+                }
+            }
+        }
+    }
+    (cached, events)
 }
 
 /// Applies `events` (in order) to the stored record of `id`, starting

@@ -10,6 +10,7 @@ use dispatcher_actors::{DispatchError, Dispatcher, EventBody, Submitted, Task, T
 use futures::future::join_all;
 use tracing::warn;
 
+use super::records::RecordMirror;
 use super::Durable;
 use crate::subjects::{
     Subjects, CONTENT_TYPE_JSON, HEADER_ACCEPTED, HEADER_CONTENT_TYPE, HEADER_MSG_ID,
@@ -21,15 +22,22 @@ pub struct DurableStore {
     durable: Durable,
     subjects: Subjects,
     dispatcher: Dispatcher,
+    mirror: RecordMirror,
 }
 
 impl DurableStore {
-    /// A store on `durable`.
-    pub fn new(durable: Durable, subjects: Subjects, dispatcher: Dispatcher) -> Self {
+    /// A store on `durable`; the records it creates seed `mirror`.
+    pub fn new(
+        durable: Durable,
+        subjects: Subjects,
+        dispatcher: Dispatcher,
+        mirror: RecordMirror,
+    ) -> Self {
         Self {
             durable,
             subjects,
             dispatcher,
+            mirror,
         }
     }
 
@@ -61,9 +69,10 @@ impl DurableStore {
         let id = task.id.as_str();
         let mut record = TaskRecord::queued(task, self.dispatcher.node());
         record.node = None;
-        let record = serde_json::to_vec(&record).map_err(|e| internal(&e))?;
-        match self.durable.records.create(id, record.into()).await {
-            Ok(_) => {}
+        let value = serde_json::to_vec(&record).map_err(|e| internal(&e))?;
+        match self.durable.records.create(id, value.into()).await {
+            // If this node runs it, its first write needs no read.
+            Ok(revision) => self.mirror.seed(record, Some(revision)),
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
                 return Err(DispatchError::DuplicateId(task.id.clone()));
             }
