@@ -288,6 +288,25 @@ impl Dispatcher {
         })
     }
 
+    /// Queues many delivered tasks in two actor messages whatever their
+    /// number (see [`Dispatcher::submit_delivered`]); answers in order.
+    pub async fn submit_delivered_batch(
+        &self,
+        tasks: Vec<(Task, DeliveryHandle)>,
+        options: SubmitOptions,
+    ) -> Vec<Result<Submitted, DispatchError>> {
+        let held = tasks
+            .into_iter()
+            .map(|(task, delivery)| {
+                Ok(Held {
+                    task,
+                    delivery: Some(delivery),
+                })
+            })
+            .collect();
+        self.submit_held(held, options).await
+    }
+
     /// Free places in the local queue, updated as they change: a transport
     /// that pulls tasks pulls no more than this.
     pub fn room(&self) -> watch::Receiver<usize> {

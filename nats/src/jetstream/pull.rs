@@ -19,7 +19,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::Message;
 use dispatcher_actors::{
     DeliveryHandle, Dispatcher, ErrorCode, ErrorInfo, EventBody, Priority, Settlement,
-    SubmitOptions, TaskRecord, TaskStatus,
+    SubmitOptions, Task, TaskRecord, TaskStatus,
 };
 use futures::StreamExt;
 use tokio::sync::Notify;
@@ -238,8 +238,31 @@ impl Puller {
                 }
                 let got = messages.len();
                 self.announce_leases(&messages).await;
+                // Handed to the actors in two batches (whether the node
+                // or the gateway emitted `accepted`), not one by one.
+                let (mut fresh, mut known) = (Vec::new(), Vec::new());
                 for msg in messages {
-                    self.take(msg).await;
+                    if let Some((task, handle, emit)) = self.take(msg).await {
+                        if emit {
+                            fresh.push((task, handle));
+                        } else {
+                            known.push((task, handle));
+                        }
+                    }
+                }
+                for (batch, emit_accepted) in [(fresh, true), (known, false)] {
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    for r in self
+                        .dispatcher
+                        .submit_delivered_batch(batch, SubmitOptions { emit_accepted })
+                        .await
+                    {
+                        if let Err(e) = r {
+                            debug!(error = %e, "Delivered task not queued.");
+                        }
+                    }
                 }
                 if got == want {
                     // Full: there is likely more.
@@ -270,7 +293,7 @@ impl Puller {
 
     /// Hands one delivered message to the actors, or settles it here when
     /// it is invalid, cancelled, or out of attempts.
-    async fn take(&self, msg: Message) {
+    async fn take(&self, msg: Message) -> Option<(Task, DeliveryHandle, bool)> {
         let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
         let ack = msg
             .reply
@@ -313,12 +336,12 @@ impl Puller {
                 );
                 self.dispatcher.reject(None, kind.as_deref(), info);
                 delivery("_", "_").terminate();
-                return;
+                return None;
             }
             Err(e) => {
                 self.dispatcher.reject(None, kind.as_deref(), e.to_info());
                 delivery("_", "_").terminate();
-                return;
+                return None;
             }
         };
         let priority = priority.expect("consumers filter on valid priorities");
@@ -334,7 +357,7 @@ impl Puller {
             self.dispatcher
                 .reject(spec.id.as_deref(), kind.as_deref(), info);
             delivery("_", "_").terminate();
-            return;
+            return None;
         }
         spec.priority = Some(priority.as_str().to_owned());
         let mut task = match self.dispatcher.validate(spec.clone(), kind.as_deref()) {
@@ -343,7 +366,7 @@ impl Puller {
                 self.dispatcher
                     .reject(spec.id.as_deref(), kind.as_deref(), info);
                 delivery("_", "_").terminate();
-                return;
+                return None;
             }
         };
         task.attempt = delivered;
@@ -357,7 +380,7 @@ impl Puller {
                 },
             );
             delivery(&id, &kind).settle_now(Settlement::Done(TaskStatus::Cancelled, None));
-            return;
+            return None;
         }
         if delivered > task.max_attempts {
             // Delivered again after its last attempt began: the node that
@@ -379,7 +402,7 @@ impl Puller {
                 },
             );
             delivery(&id, &kind).settle_now(Settlement::Done(TaskStatus::Failed, Some(error)));
-            return;
+            return None;
         }
         if replay && delivered == 1 {
             self.dispatcher.forget_finished(&task.id).await;
@@ -392,12 +415,6 @@ impl Puller {
             self.mirror.seed(record, None);
         }
         let handle = DeliveryHandle::new(delivery(&id, &kind));
-        if let Err(e) = self
-            .dispatcher
-            .submit_delivered(task, handle, SubmitOptions { emit_accepted })
-            .await
-        {
-            debug!(task_id = %id, error = %e, "Delivered task not queued.");
-        }
+        Some((task, handle, emit_accepted))
     }
 }
