@@ -194,6 +194,7 @@ impl Node {
                 subjects.clone(),
                 dispatcher.clone(),
                 parts.mirror.clone(),
+                js_options.duplicate_window,
             )
         });
         let gateway = gateway::start(

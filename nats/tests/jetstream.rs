@@ -532,3 +532,41 @@ async fn graceful_shutdown_hands_tasks_to_another_node_at_once() {
     assert_eq!(g0["attempt"], 2);
     second.shutdown().await;
 }
+
+#[actix::test]
+async fn a_retried_submit_whose_first_publish_was_lost_is_queued_not_refused() {
+    let server = LocalServer::start().unwrap();
+    let subjects = Subjects::new("j8").unwrap();
+    let node = start_node(&server.url(), "j8", "n1", Setup::default()).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    // As if a gateway had stored the record and lost the server before the
+    // publish: a `queued` record, no message.
+    let kv = jetstream::new(client.clone())
+        .get_key_value(subjects.bucket_tasks())
+        .await
+        .unwrap();
+    let record = json!({
+        "id": "lost-1", "kind": "echo", "priority": "normal", "status": "queued",
+        "attempt": 1, "max_attempts": 3, "node": null, "worker": null,
+        "progress": null, "message": null,
+        "created_at": dispatcher_actors::Timestamp::now(),
+        "started_at": null, "finished_at": null, "result": null, "error": null,
+    });
+    kv.create("lost-1", record.to_string().into())
+        .await
+        .unwrap();
+    let mut events = subscribe(&client, subjects.task_events("lost-1")).await;
+    let r = request(
+        &client,
+        subjects.submit("echo"),
+        json!({"id": "lost-1", "payload": 7}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let seen = until(&mut events, "lost-1", "completed").await;
+    assert_eq!(seen.last().unwrap()["result"], 7);
+    // Now it is no longer queued: the same id again is a duplicate.
+    let r = request(&client, subjects.submit("echo"), json!({"id": "lost-1"})).await;
+    assert_eq!(r["error"]["code"], "duplicate_id", "{r}");
+    node.shutdown().await;
+}

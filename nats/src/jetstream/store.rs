@@ -6,7 +6,9 @@
 
 use async_nats::jetstream::kv::CreateErrorKind;
 use async_nats::HeaderMap;
-use dispatcher_actors::{DispatchError, Dispatcher, EventBody, Submitted, Task, TaskRecord};
+use dispatcher_actors::{
+    DispatchError, Dispatcher, EventBody, Submitted, Task, TaskRecord, TaskStatus,
+};
 use futures::future::join_all;
 use tracing::warn;
 
@@ -23,21 +25,25 @@ pub struct DurableStore {
     subjects: Subjects,
     dispatcher: Dispatcher,
     mirror: RecordMirror,
+    duplicate_window: std::time::Duration,
 }
 
 impl DurableStore {
-    /// A store on `durable`; the records it creates seed `mirror`.
+    /// A store on `durable`; the records it creates seed `mirror`;
+    /// `duplicate_window` is the task stream's.
     pub fn new(
         durable: Durable,
         subjects: Subjects,
         dispatcher: Dispatcher,
         mirror: RecordMirror,
+        duplicate_window: std::time::Duration,
     ) -> Self {
         Self {
             durable,
             subjects,
             dispatcher,
             mirror,
+            duplicate_window,
         }
     }
 
@@ -74,7 +80,7 @@ impl DurableStore {
             // If this node runs it, its first write needs no read.
             Ok(revision) => self.mirror.seed(record, Some(revision)),
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                return Err(DispatchError::DuplicateId(task.id.clone()));
+                return self.again(task).await;
             }
             Err(e) => {
                 return Err(DispatchError::Unavailable(format!(
@@ -82,32 +88,7 @@ impl DurableStore {
                 )))
             }
         }
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER_MSG_ID, id);
-        headers.insert(HEADER_CONTENT_TYPE, CONTENT_TYPE_JSON);
-        headers.insert(HEADER_ACCEPTED, "1");
-        let body = serde_json::to_vec(&task.to_spec()).map_err(|e| internal(&e))?;
-        let subject = self.subjects.task(task.kind.as_str(), task.priority);
-        // Retried with the same Nats-Msg-Id: a retry of a publish that was
-        // stored after all is dropped as a duplicate.
-        let mut stored = Err(String::new());
-        let mut pause = std::time::Duration::from_millis(100);
-        for _ in 0..4 {
-            stored = match self
-                .durable
-                .js
-                .publish_with_headers(subject.clone(), headers.clone(), body.clone().into())
-                .await
-            {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if stored.is_ok() {
-                break;
-            }
-            tokio::time::sleep(pause).await;
-            pause *= 2;
-        }
+        let stored = self.publish(task).await;
         if let Err(e) = stored {
             // Free the id so that the client may try again.
             if let Err(del) = self.durable.records.delete(id).await {
@@ -122,6 +103,72 @@ impl DurableStore {
             kind: task.kind.clone(),
             priority: task.priority,
         })
+    }
+}
+
+impl DurableStore {
+    /// Publishes the task with `Nats-Msg-Id` = its id, retried with the
+    /// same id (a retry of a publish that was stored after all is dropped
+    /// as a duplicate). Answers whether JetStream had it already.
+    async fn publish(&self, task: &Task) -> Result<bool, String> {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_MSG_ID, task.id.as_str());
+        headers.insert(HEADER_CONTENT_TYPE, CONTENT_TYPE_JSON);
+        headers.insert(HEADER_ACCEPTED, "1");
+        let body = serde_json::to_vec(&task.to_spec()).map_err(|e| e.to_string())?;
+        let subject = self.subjects.task(task.kind.as_str(), task.priority);
+        let mut last = String::new();
+        let mut pause = std::time::Duration::from_millis(100);
+        for _ in 0..4 {
+            let stored = match self
+                .durable
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), body.clone().into())
+                .await
+            {
+                Ok(ack) => ack.await.map(|a| a.duplicate).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match stored {
+                Ok(duplicate) => return Ok(duplicate),
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+        Err(last)
+    }
+
+    /// A submission whose id has a record already. A client that retries
+    /// a submit whose reply it never got (the server went away between the
+    /// record and the publish) should not be told `duplicate_id` for a
+    /// task that was never queued: if the record is still `queued` and
+    /// younger than the duplicate window, the task is published again
+    /// with the same `Nats-Msg-Id`, and JetStream says whether it had it.
+    async fn again(&self, task: &Task) -> Result<Submitted, DispatchError> {
+        let duplicate = || Err(DispatchError::DuplicateId(task.id.clone()));
+        let Ok(Some(bytes)) = self.durable.records.get(task.id.as_str()).await else {
+            return duplicate();
+        };
+        let Ok(record) = serde_json::from_slice::<TaskRecord>(&bytes) else {
+            return duplicate();
+        };
+        let age_ms = record
+            .created_at
+            .ms_until(dispatcher_actors::Timestamp::now());
+        if record.status != TaskStatus::Queued
+            || u128::from(age_ms) >= self.duplicate_window.as_millis()
+        {
+            return duplicate();
+        }
+        match self.publish(task).await {
+            Ok(false) => Ok(Submitted {
+                id: task.id.clone(),
+                kind: task.kind.clone(),
+                priority: task.priority,
+            }),
+            _ => duplicate(),
+        }
     }
 }
 
