@@ -40,6 +40,10 @@ const PULL_STALL: Duration = Duration::from_secs(5);
 struct Source {
     consumer: PullConsumer,
     maybe: Arc<AtomicBool>,
+    /// Rung by the bell, but the last pull came back empty.
+    recheck: AtomicBool,
+    /// The bell rang for it (as opposed to the idle poll).
+    rung: Arc<AtomicBool>,
 }
 
 /// Why the consumers could not be made.
@@ -62,7 +66,9 @@ pub async fn start(
     mirror: RecordMirror,
 ) -> Result<Vec<JoinHandle<()>>, PullError> {
     let mut levels: Vec<Vec<Source>> = Vec::new();
-    let mut by_subject: HashMap<String, Arc<AtomicBool>> = HashMap::new();
+    // Queue subject → (may have messages, the bell rang for it).
+    type Flags = (Arc<AtomicBool>, Arc<AtomicBool>);
+    let mut by_subject: HashMap<String, Flags> = HashMap::new();
     for priority in Priority::ALL {
         let mut level = Vec::new();
         for kind in dispatcher.kinds() {
@@ -99,8 +105,15 @@ pub async fn start(
                 )));
             }
             let maybe = Arc::new(AtomicBool::new(true));
-            by_subject.insert(filter, maybe.clone());
-            level.push(Source { consumer, maybe });
+
+            let rung = Arc::new(AtomicBool::new(false));
+            by_subject.insert(filter, (maybe.clone(), rung.clone()));
+            level.push(Source {
+                consumer,
+                maybe,
+                recheck: AtomicBool::new(false),
+                rung,
+            });
         }
         levels.push(level);
     }
@@ -113,8 +126,9 @@ pub async fn start(
     let ring = bell.clone();
     let ringer = tokio::spawn(async move {
         while let Some(msg) = doorbell.next().await {
-            if let Some(flag) = by_subject.get(msg.subject.as_str()) {
-                flag.store(true, Ordering::Relaxed);
+            if let Some((maybe, rung)) = by_subject.get(msg.subject.as_str()) {
+                rung.store(true, Ordering::Relaxed);
+                maybe.store(true, Ordering::Relaxed);
                 ring.notify_one();
             }
         }
@@ -167,22 +181,31 @@ impl Puller {
                 empty_rounds = 0;
                 continue;
             }
-            // A bell may ring before the stream has stored the message:
-            // look again shortly a few times before waiting.
-            if empty_rounds < 4
-                && levels
-                    .iter()
-                    .flatten()
-                    .any(|s| s.maybe.load(Ordering::Relaxed))
+            if levels
+                .iter()
+                .flatten()
+                .any(|s| s.maybe.load(Ordering::Relaxed))
             {
+                // A bell rang during the round.
+                continue;
+            }
+            // A bell may ring before the stream has stored its message: a
+            // consumer rung for that came back empty is looked at again
+            // shortly, a few times, before the loop waits.
+            let empty: Vec<&Source> = levels
+                .iter()
+                .flatten()
+                .filter(|s| s.recheck.swap(false, Ordering::Relaxed))
+                .collect();
+            if !empty.is_empty() && empty_rounds < 4 {
                 empty_rounds += 1;
                 tokio::time::sleep(Duration::from_millis(1 << empty_rounds)).await;
+                for s in empty {
+                    s.maybe.store(true, Ordering::Relaxed);
+                }
                 continue;
             }
             empty_rounds = 0;
-            for s in levels.iter().flatten() {
-                s.maybe.store(false, Ordering::Relaxed);
-            }
             tokio::select! {
                 _ = bell.notified() => {}
                 _ = poll.tick() => {
@@ -206,6 +229,7 @@ impl Puller {
                 if !source.maybe.swap(false, Ordering::Relaxed) {
                     continue;
                 }
+                let rung = source.rung.swap(false, Ordering::Relaxed);
                 let want = free.min(self.fetch_batch);
                 let mut batch = match source.consumer.fetch().max_messages(want).messages().await {
                     Ok(batch) => batch,
@@ -267,6 +291,9 @@ impl Puller {
                 if got == want {
                     // Full: there is likely more.
                     source.maybe.store(true, Ordering::Relaxed);
+                }
+                if got == 0 && rung {
+                    source.recheck.store(true, Ordering::Relaxed);
                 }
                 pulled += got;
                 free = free.saturating_sub(got);
