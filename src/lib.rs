@@ -10,7 +10,9 @@
 //! - [`node`]: runs a node until told to stop.
 //! - [`watch`]: live progress bars drawn from task events.
 //! - [`demo`]: `dispatcher demo`.
+//! - [`bench`]: `dispatcher bench`: a node's speed next to a bare NATS ceiling.
 
+pub mod bench;
 pub mod config;
 pub mod dead;
 pub mod demo;

@@ -87,6 +87,14 @@ enum Command {
     /// shown live and summed up in a table. Starts a private nats-server
     /// when none answers at --nats-url.
     Demo(DemoArgs),
+    /// Measure end-to-end speed: throughput and latency of a real node
+    /// (a child `serve` process, fed directly and through submit) next to
+    /// a bare NATS ceiling on the same server, in modes core and jetstream.
+    /// Starts a private nats-server unless --nats-url is given. Progress on
+    /// stderr, the table on stdout.
+    ///
+    /// Example: dispatcher bench --tasks 20000 --reps 3 --json bench.json
+    Bench(dispatcher::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -228,6 +236,7 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }),
+            Command::Bench(a) => dispatcher::bench::run(a).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {
