@@ -17,6 +17,9 @@ use crate::wire;
 /// Most messages handed to the actors in one batch.
 const BATCH: usize = 256;
 
+/// Consecutive messages of one kind: the kind and (position, spec) pairs.
+type Run = (Option<String>, Vec<(usize, TaskSpec)>);
+
 /// Takes tasks from the core-mode queue until the returned task is aborted.
 /// Messages that are waiting are taken together: each run of one kind is
 /// queued in one batch (two actor messages), in the order they came.
@@ -39,7 +42,7 @@ pub async fn start_core(
                 }
             }
             let mut replies: Vec<Option<serde_json::Value>> = Vec::with_capacity(msgs.len());
-            let mut runs: Vec<(Option<String>, Vec<(usize, TaskSpec)>)> = Vec::new();
+            let mut runs: Vec<Run> = Vec::new();
             for (i, msg) in msgs.iter().enumerate() {
                 match prepare(&subjects, &dispatcher, &limits, msg) {
                     Ok((kind, spec)) => {
