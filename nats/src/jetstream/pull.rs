@@ -33,6 +33,9 @@ use super::{Durable, JetStreamOptions};
 use crate::codec::{Codec, Decoded, Limits};
 use crate::subjects::{Subjects, HEADER_ACCEPTED, HEADER_CONTENT_TYPE, HEADER_REPLAY};
 
+/// How long a pull after a bell waits for the message the bell announced.
+const BELL_WAIT: Duration = Duration::from_millis(20);
+
 /// How long a pull may go without an answer before it is given up.
 const PULL_STALL: Duration = Duration::from_secs(5);
 
@@ -197,11 +200,13 @@ impl Puller {
                 .flatten()
                 .filter(|s| s.recheck.swap(false, Ordering::Relaxed))
                 .collect();
-            if !empty.is_empty() && empty_rounds < 4 {
+            if !empty.is_empty() && empty_rounds < 2 {
+                // Wait briefly for the message the bell announced: a pull
+                // of one that returns as soon as the stream has it.
                 empty_rounds += 1;
-                tokio::time::sleep(Duration::from_millis(1 << empty_rounds)).await;
-                for s in empty {
-                    s.maybe.store(true, Ordering::Relaxed);
+                for source in empty {
+                    self.pull(source, 1, Some(BELL_WAIT)).await;
+                    source.maybe.store(true, Ordering::Relaxed);
                 }
                 continue;
             }
@@ -231,63 +236,7 @@ impl Puller {
                 }
                 let rung = source.rung.swap(false, Ordering::Relaxed);
                 let want = free.min(self.fetch_batch);
-                let mut batch = match source.consumer.fetch().max_messages(want).messages().await {
-                    Ok(batch) => batch,
-                    Err(e) => {
-                        warn!(error = %e, "Pull failed.");
-                        source.maybe.store(true, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let mut messages = Vec::with_capacity(want);
-                loop {
-                    // A pull request lost in a reconnect is never answered:
-                    // give up on it rather than wait for ever (what it may
-                    // still deliver comes back after the ack wait).
-                    let next = tokio::time::timeout(PULL_STALL, batch.next()).await;
-                    match next {
-                        Ok(Some(Ok(msg))) => messages.push(msg),
-                        Ok(Some(Err(e))) => {
-                            debug!(error = %e, "Pull ended early.");
-                            break;
-                        }
-                        Ok(None) => break,
-                        Err(_) => {
-                            warn!("A pull got no answer; pulling anew.");
-                            source.maybe.store(true, Ordering::Relaxed);
-                            break;
-                        }
-                    }
-                }
-                let got = messages.len();
-                self.announce_leases(&messages).await;
-                // Handed to the actors in two batches (whether the node
-                // or the gateway emitted `accepted`), not one by one.
-                let (mut fresh, mut known) = (Vec::new(), Vec::new());
-                for msg in messages {
-                    if let Some((task, handle, emit)) = self.take(msg).await {
-                        if emit {
-                            fresh.push((task, handle));
-                        } else {
-                            known.push((task, handle));
-                        }
-                    }
-                }
-                for (batch, emit_accepted) in [(fresh, true), (known, false)] {
-                    if batch.is_empty() {
-                        continue;
-                    }
-                    for r in self
-                        .dispatcher
-                        .submit_delivered_batch(batch, SubmitOptions { emit_accepted })
-                        .await
-                    {
-                        if let Err(e) = r {
-                            debug!(error = %e, "Delivered task not queued.");
-                        }
-                    }
-                }
+                let got = self.pull(source, want, None).await;
                 if got == want {
                     // Full: there is likely more.
                     source.maybe.store(true, Ordering::Relaxed);
@@ -300,6 +249,82 @@ impl Puller {
             }
         }
         pulled
+    }
+
+    /// Pulls up to `want` messages from `source` and hands them to the
+    /// actors; answers how many. Without `wait`, a no-wait pull; with it,
+    /// the pull waits that long for the first message.
+    async fn pull(&self, source: &Source, want: usize, wait: Option<Duration>) -> usize {
+        let batch = match wait {
+            None => source.consumer.fetch().max_messages(want).messages().await,
+            Some(wait) => {
+                source
+                    .consumer
+                    .batch()
+                    .max_messages(want)
+                    .expires(wait)
+                    .messages()
+                    .await
+            }
+        };
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                warn!(error = %e, "Pull failed.");
+                source.maybe.store(true, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return 0;
+            }
+        };
+        let mut messages = Vec::with_capacity(want);
+        loop {
+            // A pull request lost in a reconnect is never answered: give
+            // up on it rather than wait for ever (what it may still
+            // deliver comes back after the ack wait).
+            let next = tokio::time::timeout(PULL_STALL, batch.next()).await;
+            match next {
+                Ok(Some(Ok(msg))) => messages.push(msg),
+                Ok(Some(Err(e))) => {
+                    debug!(error = %e, "Pull ended early.");
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    warn!("A pull got no answer; pulling anew.");
+                    source.maybe.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        let got = messages.len();
+        self.announce_leases(&messages).await;
+        // Handed to the actors in two batches (whether the node or the
+        // gateway emitted `accepted`), not one by one.
+        let (mut fresh, mut known) = (Vec::new(), Vec::new());
+        for msg in messages {
+            if let Some((task, handle, emit)) = self.take(msg).await {
+                if emit {
+                    fresh.push((task, handle));
+                } else {
+                    known.push((task, handle));
+                }
+            }
+        }
+        for (batch, emit_accepted) in [(fresh, true), (known, false)] {
+            if batch.is_empty() {
+                continue;
+            }
+            for r in self
+                .dispatcher
+                .submit_delivered_batch(batch, SubmitOptions { emit_accepted })
+                .await
+            {
+                if let Err(e) = r {
+                    debug!(error = %e, "Delivered task not queued.");
+                }
+            }
+        }
+        got
     }
 
     /// Tells the other nodes, before any of them runs, which deliveries
