@@ -28,10 +28,12 @@
 //! - `responder`: the ceiling's bare responder thread.
 //! - `node`: the measured node as a child process, its CPU time and RSS.
 //! - `report`: the tables and the JSON.
+//! - `scaling`: `--scaling`, throughput as jetstream nodes are added.
 
 mod node;
 mod report;
 mod responder;
+mod scaling;
 mod target;
 
 use std::path::PathBuf;
@@ -103,6 +105,15 @@ pub struct BenchArgs {
     /// machine, as JSON to this file.
     #[arg(long, env = "DISPATCH_BENCH_JSON")]
     pub json: Option<PathBuf>,
+    /// Instead of the table above: run 1, 2, … up to this many jetstream
+    /// nodes in turn on `sleep` tasks of 10 ms and report how throughput
+    /// grows with the node count.
+    #[arg(long, value_name = "NODES", num_args = 0..=1, default_missing_value = "3",
+          default_value_t = 0)]
+    pub scaling: u64,
+    /// Tasks per node in a --scaling run.
+    #[arg(long, default_value_t = 2_000)]
+    pub scaling_tasks: u64,
 }
 
 /// Which modes `dispatcher bench` measures.
@@ -183,6 +194,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "server": if server.is_some() { "private, started by the bench".to_owned() } else { without_credentials(&url) },
     });
     drop(probe);
+    if args.scaling > 0 {
+        if !info.jetstream {
+            bail!("--scaling runs jetstream nodes: the NATS server has no JetStream");
+        }
+        let scaling = scaling::run(&args, &url).await?;
+        if let Some(path) = &args.json {
+            let doc = json!({"machine": machine, "scaling": scaling});
+            std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(());
+    }
     eprintln!(
         "Measuring {} task(s) per run, window {}, {} B payloads, {} worker(s), {} repetition(s).",
         args.tasks, args.window, args.payload_bytes, args.workers, args.reps

@@ -101,3 +101,37 @@ fn bench_explains_itself() {
     }
     assert!(text.contains("private nats-server"), "{text}");
 }
+
+#[test]
+fn the_scaling_run_reports_each_node_count() {
+    let json = tempfile::NamedTempFile::new().expect("temp file");
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--scaling",
+            "2",
+            "--scaling-tasks",
+            "100",
+            "--json",
+        ])
+        .arg(json.path())
+        .env_remove("DISPATCH_BENCH_NATS_URL")
+        .env_remove("DISPATCH_CONFIG")
+        .output()
+        .expect("run dispatcher bench --scaling");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let doc: Value = serde_json::from_slice(&std::fs::read(json.path()).expect("the JSON file"))
+        .expect("valid JSON");
+    let runs = doc["scaling"]["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "{doc}");
+    for (i, run) in runs.iter().enumerate() {
+        assert_eq!(run["nodes"], i as u64 + 1);
+        assert_eq!(run["tasks"], 100 * (i as u64 + 1));
+        assert!(
+            run["tasks_per_s"].as_f64().is_some_and(|r| r > 0.0),
+            "{doc}"
+        );
+    }
+}

@@ -26,15 +26,16 @@ pub(super) struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Starts the node and waits for its `online` event.
+    /// Starts the node `<prefix>-<name>` and waits for its `online` event.
     pub(super) async fn start(
         client: &async_nats::Client,
         url: &str,
         subjects: &Subjects,
         mode: Mode,
         workers: u64,
+        name: &str,
     ) -> anyhow::Result<Self> {
-        let node_id = format!("{}-node", subjects.prefix());
+        let node_id = format!("{}-{name}", subjects.prefix());
         let mut online = client
             .subscribe(subjects.node_event(&node_id, NodeEventName::Online))
             .await?;

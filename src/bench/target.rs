@@ -91,7 +91,8 @@ impl Target {
             (subjects, backend, streams, Vec::new())
         } else {
             let subjects = Subjects::new(&format!("bench-{}-{tag:06x}", mode.as_str()))?;
-            let node = NodeProcess::start(&client, url, &subjects, mode, args.workers).await?;
+            let node =
+                NodeProcess::start(&client, url, &subjects, mode, args.workers, "node").await?;
             let (streams, buckets) = if jetstream {
                 (
                     vec![subjects.stream_tasks(), subjects.stream_dead()],
@@ -374,7 +375,11 @@ async fn create_ceiling_stream(
 }
 
 /// Deletes streams and KV buckets, warning about those that stay.
-async fn delete_all(client: &async_nats::Client, streams: &[String], buckets: &[String]) {
+pub(super) async fn delete_all(
+    client: &async_nats::Client,
+    streams: &[String],
+    buckets: &[String],
+) {
     let js = jetstream::new(client.clone());
     for name in streams {
         if let Err(e) = js.delete_stream(name).await {
