@@ -29,7 +29,9 @@
 //! - `node`: the measured node as a child process, its CPU time and RSS.
 //! - `report`: the tables and the JSON.
 //! - `scaling`: `--scaling`, throughput as jetstream nodes are added.
+//! - `memory`: `--memory`, the node's RSS under a backlog and with many records.
 
+mod memory;
 mod node;
 mod report;
 mod responder;
@@ -114,6 +116,17 @@ pub struct BenchArgs {
     /// Tasks per node in a --scaling run.
     #[arg(long, default_value_t = 2_000)]
     pub scaling_tasks: u64,
+    /// Instead of the table above: the node's memory with
+    /// --memory-backlog tasks waiting in the stream, and after
+    /// --memory-records finished tasks (their records kept).
+    #[arg(long)]
+    pub memory: bool,
+    /// Tasks waiting in the stream in a --memory run.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub memory_backlog: u64,
+    /// Finished tasks in a --memory run.
+    #[arg(long, default_value_t = 100_000)]
+    pub memory_records: u64,
 }
 
 /// Which modes `dispatcher bench` measures.
@@ -194,6 +207,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "server": if server.is_some() { "private, started by the bench".to_owned() } else { without_credentials(&url) },
     });
     drop(probe);
+    if args.memory {
+        if !info.jetstream {
+            bail!("--memory runs a jetstream node: the NATS server has no JetStream");
+        }
+        let memory = memory::run(&args, &url).await?;
+        if let Some(path) = &args.json {
+            let doc = json!({"machine": machine, "memory": memory});
+            std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(());
+    }
     if args.scaling > 0 {
         if !info.jetstream {
             bail!("--scaling runs jetstream nodes: the NATS server has no JetStream");

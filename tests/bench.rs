@@ -135,3 +135,49 @@ fn the_scaling_run_reports_each_node_count() {
         );
     }
 }
+
+#[test]
+fn the_memory_run_reports_both_figures() {
+    let json = tempfile::NamedTempFile::new().expect("temp file");
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--memory",
+            "--memory-backlog",
+            "2000",
+            "--memory-records",
+            "500",
+            "--json",
+        ])
+        .arg(json.path())
+        .env_remove("DISPATCH_BENCH_NATS_URL")
+        .env_remove("DISPATCH_CONFIG")
+        .output()
+        .expect("run dispatcher bench --memory");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let doc: Value = serde_json::from_slice(&std::fs::read(json.path()).expect("the JSON file"))
+        .expect("valid JSON");
+    let memory = &doc["memory"];
+    assert_eq!(memory["backlog"]["tasks"], 2000);
+    assert_eq!(
+        memory["backlog"]["rss_samples_mib"]
+            .as_array()
+            .map(Vec::len),
+        Some(10)
+    );
+    assert!(
+        memory["backlog"]["peak_rss_mib"]
+            .as_f64()
+            .is_some_and(|m| m > 0.0),
+        "{doc}"
+    );
+    assert_eq!(memory["records"]["tasks"], 500);
+    assert!(
+        memory["records"]["rss_mib"]
+            .as_f64()
+            .is_some_and(|m| m > 0.0),
+        "{doc}"
+    );
+}

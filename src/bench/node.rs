@@ -119,6 +119,11 @@ impl NodeProcess {
         cpu_ticks(&format!("/proc/{}/stat", self.child.id()))
     }
 
+    /// Resident set now (VmRSS), in KiB.
+    pub(super) fn rss_kib(&self) -> Option<u64> {
+        status_kib(self.child.id(), "VmRSS:")
+    }
+
     /// Peak resident set so far (VmHWM), in KiB.
     pub(super) fn peak_rss_kib(&self) -> Option<u64> {
         peak_rss_kib(self.child.id())
@@ -191,8 +196,13 @@ pub(super) fn cpu_ticks(path: &str) -> Option<u64> {
 
 /// VmHWM of `/proc/<pid>/status`, in KiB.
 fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+/// A `… kB` line of `/proc/<pid>/status`.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
