@@ -364,7 +364,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let client = args.connection.connect("dispatcher watch").await?;
     let filter = match (&args.id, &args.kind) {
         (Some(id), _) => subjects.task_events(id),
-        (None, Some(kind)) => format!("{}.events.{kind}.>", subjects.prefix()),
+        (None, Some(kind)) => subjects.kind_events(kind),
         (None, None) => subjects.events_any(),
     };
     let mut events = client

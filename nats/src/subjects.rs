@@ -134,6 +134,11 @@ impl Subjects {
         format!("{}.events.>", self.prefix)
     }
 
+    /// `<p>.events.<kind>.>`: every event of one kind's tasks.
+    pub fn kind_events(&self, kind: &str) -> String {
+        format!("{}.events.{kind}.>", self.prefix)
+    }
+
     /// `<p>.events.*.<id>.*`: every event of one task.
     pub fn task_events(&self, id: &str) -> String {
         format!("{}.events.*.{id}.*", self.prefix)
@@ -194,6 +199,16 @@ impl Subjects {
         format!("{}_cancels", self.name_token())
     }
 
+    /// The stream behind a KV bucket (JetStream's convention): `KV_<bucket>`.
+    pub fn kv_stream(bucket: &str) -> String {
+        format!("KV_{bucket}")
+    }
+
+    /// The subjects of a KV bucket's stream: `$KV.<bucket>.>`.
+    pub fn kv_subjects(bucket: &str) -> String {
+        format!("$KV.{bucket}.>")
+    }
+
     /// The durable consumer of one queue subject: `echo_high`.
     pub fn consumer(&self, kind: &str, priority: Priority) -> String {
         format!("{kind}_{}", priority.as_str())
@@ -242,6 +257,7 @@ mod tests {
             "dispatch.events.echo.t1.timed_out"
         );
         assert_eq!(s.events_any(), "dispatch.events.>");
+        assert_eq!(s.kind_events("echo"), "dispatch.events.echo.>");
         assert_eq!(s.task_events("t1"), "dispatch.events.*.t1.*");
         assert_eq!(
             s.node_event("n1", NodeEventName::WorkerRestarted),

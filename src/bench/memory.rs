@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream;
 use async_nats::HeaderMap;
-use dispatcher_actors::Priority;
+use dispatcher_actors::{Priority, TaskEventName};
 use dispatcher_nats::{Mode, Subjects};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -141,7 +141,7 @@ async fn finished(
     )
     .await?;
     let mut completed = client
-        .subscribe(format!("{prefix}.events.echo.*.completed"))
+        .subscribe(subjects.event("echo", "*", TaskEventName::Completed))
         .await?;
     client.flush().await?;
     let js = jetstream::new(client.clone());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use async_nats::jetstream;
 use async_nats::HeaderMap;
-use dispatcher_actors::Priority;
+use dispatcher_actors::{Priority, TaskEventName};
 use dispatcher_nats::{Mode, Subjects};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -95,7 +95,7 @@ async fn one(
         );
     }
     let mut completed = client
-        .subscribe(format!("{prefix}.events.sleep.*.completed"))
+        .subscribe(subjects.event("sleep", "*", TaskEventName::Completed))
         .await?;
     client.flush().await?;
     let js = jetstream::new(client.clone());

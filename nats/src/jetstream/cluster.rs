@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
+use dispatcher_actors::NodeEventName;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -188,14 +189,12 @@ pub async fn start(
         reclaimed: Arc::new(AtomicU64::new(0)),
         interval,
     };
-    let mut metrics = client
-        .subscribe(format!("{}.metrics.*", subjects.prefix()))
-        .await?;
+    let mut metrics = client.subscribe(subjects.metrics("*")).await?;
     let mut offline = client
-        .subscribe(format!("{}.nodes.*.offline", subjects.prefix()))
+        .subscribe(subjects.node_event("*", NodeEventName::Offline))
         .await?;
     let mut online = client
-        .subscribe(format!("{}.nodes.*.online", subjects.prefix()))
+        .subscribe(subjects.node_event("*", NodeEventName::Online))
         .await?;
     let mut leases = client.subscribe(subjects.leases_any()).await?;
     let view = cluster.clone();

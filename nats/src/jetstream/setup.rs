@@ -126,9 +126,9 @@ async fn bucket(
         return Ok(store);
     }
     js.get_or_create_stream(stream::Config {
-        name: format!("KV_{name}"),
+        name: Subjects::kv_stream(&name),
         description: Some(format!("dispatcher KV bucket {name}")),
-        subjects: vec![format!("$KV.{name}.>")],
+        subjects: vec![Subjects::kv_subjects(&name)],
         max_messages_per_subject: 1,
         max_age: options.retention,
         storage: options.storage,
