@@ -18,7 +18,7 @@ use tracing::info;
 use crate::codec::Limits;
 use crate::jetstream::cancels::{self, PendingCancels};
 use crate::jetstream::cluster::{self, Cluster, HeldDeliveries};
-use crate::jetstream::delivery::{DeliveryContext, DeliveryStats};
+use crate::jetstream::delivery::{Acks, DeliveryContext, DeliveryStats};
 use crate::jetstream::records::RecordMirror;
 use crate::jetstream::store::DurableStore;
 use crate::jetstream::{pull, JetStreamOptions, SetupError};
@@ -131,6 +131,7 @@ pub struct Node {
     options: NodeOptions,
     service: async_nats::service::Service,
     pending_cancels: Option<PendingCancels>,
+    acks: Option<Acks>,
     intake: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -208,6 +209,7 @@ impl Node {
         .await?;
         let mut intake = Vec::new();
         let mut pending_cancels = None;
+        let mut acks = None;
         match &durable {
             None => intake.push(
                 ingest::start_core(client.clone(), subjects.clone(), dispatcher.clone(), limits)
@@ -221,15 +223,19 @@ impl Node {
                         .await
                         .map_err(NodeError::Watch)?,
                 );
+                let stats = js_parts
+                    .as_ref()
+                    .map(|p: &JsParts| p.deliveries.clone())
+                    .unwrap_or_default();
+                let node_acks = Acks::start(client.clone(), stats.clone());
+                acks = Some(node_acks.clone());
                 let ctx = DeliveryContext {
                     js: durable.js.clone(),
                     subjects: subjects.clone(),
                     node: dispatcher.node().as_str().to_owned(),
-                    stats: js_parts
-                        .as_ref()
-                        .map(|p: &JsParts| p.deliveries.clone())
-                        .unwrap_or_default(),
+                    stats,
                     held: held.clone(),
+                    acks: node_acks,
                 };
                 intake.extend(
                     pull::start(
@@ -307,6 +313,7 @@ impl Node {
             options,
             service,
             pending_cancels,
+            acks,
             intake,
             tasks: {
                 service_tasks.extend([gateway, heartbeat]);
@@ -357,16 +364,16 @@ impl Node {
             .dispatcher
             .shutdown(self.options.shutdown_timeout)
             .await;
+        // The naks of the hand-back go out before the node says offline.
+        if let Some(acks) = &self.acks {
+            acks.drain().await;
+        }
         self.publisher.node_event(&NodeEvent::now(
             self.dispatcher.node().clone(),
             NodeEventBody::Offline {
                 reason: "shutdown".to_owned(),
             },
         ));
-        // Let the spawned acks and naks of the hand-back go out, then drain.
-        for _ in 0..8 {
-            tokio::task::yield_now().await;
-        }
         self.publisher.drain().await;
         info!(node = %self.dispatcher.node(), "Node offline.");
         report

@@ -12,6 +12,7 @@ use async_nats::jetstream::Context;
 use bytes::Bytes;
 use dispatcher_actors::{Delivery, ErrorInfo, Settlement, TaskStatus, Timestamp};
 use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use super::cluster::HeldDeliveries;
@@ -39,6 +40,59 @@ pub struct DeliveryContext {
     pub stats: Arc<DeliveryStats>,
     /// The deliveries this node holds (published with heartbeats).
     pub held: HeldDeliveries,
+    /// Where acks go out, in order.
+    pub acks: Acks,
+}
+
+/// What the ack sender is handed.
+enum AckOp {
+    Send(Arc<Acker>, AckKind, String),
+    Drained(oneshot::Sender<()>),
+}
+
+/// Sends every ack, in-progress ack, nak and term of a node's deliveries
+/// from one task, in the order they were asked for (no task spawned per
+/// ack), and can wait until all asked so far went out. The queue holds at
+/// most a settle and a few keep-alives per delivery held.
+#[derive(Clone)]
+pub struct Acks {
+    tx: mpsc::UnboundedSender<AckOp>,
+}
+
+impl Acks {
+    /// Starts the sender on the current runtime.
+    pub fn start(client: async_nats::Client, stats: Arc<DeliveryStats>) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(op) = rx.recv().await {
+                match op {
+                    AckOp::Send(acker, kind, id) => {
+                        if let Err(e) = acker.ack_with(kind).await {
+                            stats.ack_failures.fetch_add(1, Ordering::Relaxed);
+                            warn!(task_id = %id, error = %e, "Acknowledgement not sent.");
+                        }
+                    }
+                    AckOp::Drained(done) => {
+                        let _ = client.flush().await;
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    fn send(&self, acker: Arc<Acker>, kind: AckKind, id: String) {
+        let _ = self.tx.send(AckOp::Send(acker, kind, id));
+    }
+
+    /// Waits until every ack asked for before the call was sent and flushed.
+    pub async fn drain(&self) {
+        let (done, drained) = oneshot::channel();
+        if self.tx.send(AckOp::Drained(done)).is_ok() {
+            let _ = drained.await;
+        }
+    }
 }
 
 /// One delivery of one task.
@@ -85,27 +139,15 @@ impl JsDelivery {
     /// `rejected` event).
     pub fn terminate(self) {
         self.ctx.held.remove(&self.id, &self.ack);
-        send(self.acker, AckKind::Term, self.ctx.stats, self.id);
+        self.ctx.acks.send(self.acker, AckKind::Term, self.id);
     }
-}
-
-fn send(acker: Arc<Acker>, kind: AckKind, stats: Arc<DeliveryStats>, id: String) {
-    tokio::spawn(async move {
-        if let Err(e) = acker.ack_with(kind).await {
-            stats.ack_failures.fetch_add(1, Ordering::Relaxed);
-            warn!(task_id = %id, error = %e, "Acknowledgement not sent.");
-        }
-    });
 }
 
 impl Delivery for JsDelivery {
     fn keep_alive(&self) {
-        send(
-            self.acker.clone(),
-            AckKind::Progress,
-            self.ctx.stats.clone(),
-            self.id.clone(),
-        );
+        self.ctx
+            .acks
+            .send(self.acker.clone(), AckKind::Progress, self.id.clone());
     }
 
     fn settle(self: Box<Self>, settlement: Settlement) {
@@ -119,19 +161,22 @@ impl Delivery for JsDelivery {
             body,
         } = *self;
         ctx.held.remove(&id, &ack);
-        let stats = ctx.stats.clone();
-        match settlement {
-            Settlement::Done(TaskStatus::Completed, _) => send(acker, AckKind::Ack, stats, id),
+        let acks = ctx.acks.clone();
+        let kind_of_ack = match settlement {
+            Settlement::Done(TaskStatus::Completed, _) => AckKind::Ack,
             Settlement::Done(status @ (TaskStatus::Failed | TaskStatus::TimedOut), error) => {
+                // The copy must be stored before the term removes the task.
                 tokio::spawn(async move {
                     dead_letter(&ctx, &id, &kind, attempt, status, error, body).await;
-                    send(acker, AckKind::Term, stats, id);
+                    ctx.acks.send(acker, AckKind::Term, id);
                 });
+                return;
             }
-            Settlement::Done(_, _) => send(acker, AckKind::Term, stats, id),
-            Settlement::Retry { delay } => send(acker, AckKind::Nak(Some(delay)), stats, id),
-            Settlement::Release => send(acker, AckKind::Nak(None), stats, id),
-        }
+            Settlement::Done(_, _) => AckKind::Term,
+            Settlement::Retry { delay } => AckKind::Nak(Some(delay)),
+            Settlement::Release => AckKind::Nak(None),
+        };
+        acks.send(acker, kind_of_ack, id);
     }
 }
 
