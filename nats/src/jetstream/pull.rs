@@ -412,11 +412,13 @@ impl Puller {
             return None;
         }
         spec.priority = Some(priority.as_str().to_owned());
-        let mut task = match self.dispatcher.validate(spec.clone(), kind.as_deref()) {
+        // Only the id is kept for a refusal: the payload is not copied.
+        let spec_id = spec.id.clone();
+        let mut task = match self.dispatcher.validate(spec, kind.as_deref()) {
             Ok(task) => task,
             Err(info) => {
                 self.dispatcher
-                    .reject(spec.id.as_deref(), kind.as_deref(), info);
+                    .reject(spec_id.as_deref(), kind.as_deref(), info);
                 delivery("_", "_").terminate();
                 return None;
             }

@@ -227,13 +227,11 @@ async fn apply(
             record.apply(event);
             record.node = Some(event.node.clone());
         }
-        let Ok(mut value) = serde_json::to_value(&record) else {
-            return None;
+        let stored = Stored {
+            record: &record,
+            ack: ack.as_deref().filter(|_| !record.status.is_final()),
         };
-        if let (Some(ack), false) = (&ack, record.status.is_final()) {
-            value["ack"] = serde_json::Value::String(ack.clone());
-        }
-        let Ok(value) = serde_json::to_vec(&value) else {
+        let Ok(value) = serde_json::to_vec(&stored) else {
             return None;
         };
         match records.update(id, value.into(), revision).await {
@@ -252,6 +250,17 @@ async fn apply(
     warn!(task_id = %id, "Record not written after {TRIES} tries.");
     stats.failed.fetch_add(1, Ordering::Relaxed);
     None
+}
+
+/// A record as stored: the record of PROTOCOL.md, and the ack subject of
+/// a running task's delivery. Serialised once, without an intermediate
+/// JSON value.
+#[derive(serde::Serialize)]
+struct Stored<'a> {
+    #[serde(flatten)]
+    record: &'a TaskRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack: Option<&'a str>,
 }
 
 /// What reading a record found.
