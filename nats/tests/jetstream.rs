@@ -196,6 +196,23 @@ async fn a_submitted_task_is_durable_and_its_record_shared_in_kv() {
     )
     .await;
     assert_eq!(status["task"]["status"], "completed");
+    // Stats: this node, and the backlog of each consumer it made.
+    let stats = request(
+        &client,
+        subjects.api(dispatcher_nats::ApiEndpoint::Stats),
+        json!({}),
+    )
+    .await;
+    assert_eq!(stats["node"], "n1");
+    let backlog = stats["backlog"]
+        .as_array()
+        .expect("backlog in jetstream mode");
+    let echo_high = backlog
+        .iter()
+        .find(|c| c["subject"] == "j1.tasks.echo.high")
+        .expect("a consumer for echo, high");
+    assert_eq!(echo_high["consumer"], "echo_high");
+    assert_eq!(echo_high["pending"], 0);
     // The work-queue stream is empty again: the task was acked.
     let mut stream = jetstream::new(client.clone())
         .get_stream(subjects.stream_tasks())
@@ -347,10 +364,17 @@ async fn cancel_works_in_the_stream_queued_and_running_on_another_node() {
     }
     until(&mut events, "running", "started").await;
     // The queued one is on the node, the last in the stream (queue of 1).
-    record_until(&client, &subjects.bucket_tasks(), "running", |r| {
+    let running = record_until(&client, &subjects.bucket_tasks(), "running", |r| {
         r["status"] == "running"
     })
     .await;
+    // A running task's record names its delivery, for a reclaim.
+    assert!(
+        running["ack"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("$JS.ACK.")),
+        "{running}"
+    );
 
     // A second node that holds none of them takes the cancel requests: the
     // service's queue group may send each to either node.
