@@ -40,16 +40,12 @@ use std::ops::Range;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_trait::async_trait;
 use clap::Parser;
 use dispatcher::config::ServeConfig;
-use dispatcher::handlers::{builtin_handlers, HandlerOptions};
-use dispatcher_actors::{TaskContext, TaskError, TaskHandler, TaskKind};
-use dispatcher_nats::Node;
+use dispatcher_actors::{Handlers, TaskContext, TaskError, TaskHandler, TaskKind};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tracing::info;
 
 /// The largest width or height `resize` accepts, on either side.
 const MAX_SIDE: u32 = 16_384;
@@ -211,56 +207,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Starts the node, waits for Ctrl-C or SIGTERM, then drains it.
+/// Serves the built-ins plus `resize` until Ctrl-C or SIGTERM, then drains.
 async fn run(config: ServeConfig) -> anyhow::Result<()> {
-    let dispatcher_config = config
-        .dispatcher_config()
-        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-    let client = config
-        .connection
-        .connect(&format!("dispatcher node {}", dispatcher_config.node))
-        .await?;
-
-    // The built-ins, as `dispatcher serve` would register them, plus ours.
-    let mut handlers = builtin_handlers(&HandlerOptions {
-        enable_chaos: config.enable_chaos,
-        exec_allow: config.exec_allow.clone(),
-    });
-    handlers.insert(TaskKind::new("resize")?, Resize);
-
-    let node = Node::start(client, dispatcher_config, handlers, config.node_options())
-        .await
-        .context("starting the node")?;
-    info!(
-        node = %node.node_id(),
-        kinds = ?node.dispatcher().kinds(),
-        "Serving; Ctrl-C to stop."
-    );
-
-    shutdown_signal().await;
-    info!(node = %node.node_id(), "Draining.");
-    let report = node.shutdown().await;
-    info!(
-        finished = report.finished,
-        interrupted = report.interrupted,
-        unstarted = report.unstarted,
-        "Stopped."
-    );
-    Ok(())
-}
-
-/// Ctrl-C or SIGTERM, whichever comes first.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
+    let register = |handlers: &mut Handlers| {
+        handlers.insert(TaskKind::new("resize")?, Resize);
+        Ok(())
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
+    dispatcher::node::run_with(config, register, dispatcher::node::shutdown_signal()).await
 }

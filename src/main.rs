@@ -196,9 +196,11 @@ fn main() -> ExitCode {
     }
     let result = actix::System::new().block_on(async move {
         match cli.command {
-            Command::Serve(config) => dispatcher::node::run(*config, signal())
-                .await
-                .map(|()| ExitCode::SUCCESS),
+            Command::Serve(config) => {
+                dispatcher::node::run(*config, dispatcher::node::shutdown_signal())
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
             Command::Submit(args) => submit(args).await,
             Command::Status(a) => {
                 api(&a.connection, ApiEndpoint::Status, json!({"id": a.id})).await
@@ -245,21 +247,6 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
-    }
-}
-
-async fn signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }
 
@@ -376,7 +363,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     eprintln!("Watching {filter}; Ctrl-C to stop.");
     let mut tracker = Tracker::new();
     let mut ended = 0usize;
-    let stop = signal();
+    let stop = dispatcher::node::shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
