@@ -29,8 +29,10 @@
 //! - `node`: the measured node as a child process, its CPU time and RSS.
 //! - `report`: the tables and the JSON.
 //! - `scaling`: `--scaling`, throughput as jetstream nodes are added.
+//! - `feed`: publishing and awaiting tasks for `--scaling` and `--memory`.
 //! - `memory`: `--memory`, the node's RSS under a backlog and with many records.
 
+mod feed;
 mod memory;
 mod node;
 mod report;

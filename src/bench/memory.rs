@@ -6,20 +6,15 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use async_nats::jetstream;
-use async_nats::HeaderMap;
 use dispatcher_actors::{Priority, TaskEventName};
 use dispatcher_nats::{Mode, Subjects};
-use futures::StreamExt;
 use serde_json::{json, Value};
 
+use super::feed::{await_completed, clean_up, publish, CHUNK};
 use super::node::NodeProcess;
-use super::target::delete_all;
 use super::BenchArgs;
-
-/// Publish acknowledgements awaited together.
-const CHUNK: usize = 1_000;
 /// RSS samples taken while the backlog is published.
 const SAMPLES: u64 = 10;
 
@@ -75,42 +70,26 @@ async fn waiting(
     .await?;
     let js = jetstream::new(client.clone());
     let subject = subjects.task("sleep", Priority::Normal);
-    let body = json!({"payload": {"ms": 600_000}}).to_string();
+    let payload = json!({"ms": 600_000});
     let every = (tasks / SAMPLES).max(1);
     let mut samples = Vec::new();
     let started = Instant::now();
     let mut sent = 0;
     while sent < tasks {
-        // Chunks end on the sample points.
-        let n = (tasks - sent).min(CHUNK as u64).min(every - sent % every);
-        let mut acks = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            acks.push(js.publish(subject.clone(), body.clone().into()).await?);
-        }
-        for ack in acks {
-            tokio::time::timeout(args.timeout, std::future::IntoFuture::into_future(ack))
-                .await
-                .context("no publish acknowledgement in time")??;
-        }
-        let before = sent;
-        sent += n;
-        if before / every != sent / every {
-            node.check()?;
-            samples.push(mib(node.rss_kib()));
-            eprintln!(
-                "memory: {sent} tasks waiting, node RSS {:.1} MiB",
-                samples.last().unwrap_or(&0.0)
-            );
-        }
+        // Published between the sample points.
+        let end = (sent + every).min(tasks);
+        publish(&js, &subject, "m", sent..end, &payload, args.timeout).await?;
+        sent = end;
+        node.check()?;
+        samples.push(mib(node.rss_kib()));
+        eprintln!(
+            "memory: {sent} tasks waiting, node RSS {:.1} MiB",
+            samples.last().unwrap_or(&0.0)
+        );
     }
     let peak = mib(node.peak_rss_kib());
     drop(node); // killed: its sleeping tasks need not finish
-    delete_all(
-        client,
-        &[subjects.stream_tasks(), subjects.stream_dead()],
-        &[subjects.bucket_tasks(), subjects.bucket_cancels()],
-    )
-    .await;
+    clean_up(client, &subjects).await;
     Ok(json!({
         "tasks": tasks,
         "published_in_s": started.elapsed().as_secs_f64(),
@@ -146,69 +125,29 @@ async fn finished(
     client.flush().await?;
     let js = jetstream::new(client.clone());
     let subject = subjects.task("echo", Priority::Normal);
-    let payload = "x".repeat(args.payload_bytes as usize);
+    let payload = json!("x".repeat(args.payload_bytes as usize));
     let mut sent = 0;
-    let mut done = 0;
     while sent < tasks {
-        let n = (tasks - sent).min(CHUNK as u64);
-        let mut acks = Vec::with_capacity(n as usize);
-        for i in sent..sent + n {
-            let body = json!({"id": format!("r{i}"), "payload": payload}).to_string();
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("r{i}").as_str());
-            acks.push(
-                js.publish_with_headers(subject.clone(), headers, body.into())
-                    .await?,
-            );
-        }
-        for ack in acks {
-            tokio::time::timeout(args.timeout, std::future::IntoFuture::into_future(ack))
-                .await
-                .context("no publish acknowledgement in time")??;
-        }
-        sent += n;
-        // Keep the backlog short: wait for most of this chunk.
-        while done + (CHUNK as u64) < sent {
-            next(args, &mut completed, &mut node, tasks - done).await?;
-            done += 1;
-        }
-    }
-    while done < tasks {
-        next(args, &mut completed, &mut node, tasks - done).await?;
-        done += 1;
+        let end = (sent + CHUNK).min(tasks);
+        publish(&js, &subject, "r", sent..end, &payload, args.timeout).await?;
+        // Keep the backlog short: wait for this chunk before the next.
+        await_completed(
+            &mut completed,
+            std::slice::from_mut(&mut node),
+            end - sent,
+            args.timeout,
+        )
+        .await?;
+        sent = end;
     }
     let rss = mib(node.rss_kib());
     let peak = mib(node.peak_rss_kib());
     node.stop().await?;
-    delete_all(
-        client,
-        &[subjects.stream_tasks(), subjects.stream_dead()],
-        &[subjects.bucket_tasks(), subjects.bucket_cancels()],
-    )
-    .await;
+    clean_up(client, &subjects).await;
     Ok(json!({
         "tasks": tasks,
         "records_kept": tasks.min(100_000),
         "rss_mib": rss,
         "peak_rss_mib": peak,
     }))
-}
-
-async fn next(
-    args: &BenchArgs,
-    completed: &mut async_nats::Subscriber,
-    node: &mut NodeProcess,
-    missing: u64,
-) -> anyhow::Result<()> {
-    match tokio::time::timeout(args.timeout, completed.next()).await {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => bail!("the NATS connection closed"),
-        Err(_) => {
-            node.check()?;
-            bail!(
-                "{missing} tasks missing: none completed for {:?}",
-                args.timeout
-            )
-        }
-    }
 }

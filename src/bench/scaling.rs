@@ -3,24 +3,20 @@
 //! workers. Throughput should grow with the node count (about 100 tasks/s
 //! per worker slot at 10 ms a task).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use async_nats::jetstream;
-use async_nats::HeaderMap;
 use dispatcher_actors::{Priority, TaskEventName};
 use dispatcher_nats::{Mode, Subjects};
-use futures::StreamExt;
 use serde_json::{json, Value};
 
+use super::feed::{await_completed, clean_up, publish};
 use super::node::NodeProcess;
-use super::target::delete_all;
 use super::BenchArgs;
 
 /// How long each task sleeps.
 const SLEEP_MS: u64 = 10;
-/// Publish acknowledgements awaited together.
-const CHUNK: usize = 500;
 
 /// Runs 1..=`args.scaling` nodes in turn; prints a table and answers it
 /// as JSON.
@@ -100,54 +96,21 @@ async fn one(
     client.flush().await?;
     let js = jetstream::new(client.clone());
     let subject = subjects.task("sleep", Priority::Normal);
-    let body = json!({"payload": {"ms": SLEEP_MS}});
     let started = Instant::now();
-    let ids: Vec<u64> = (0..tasks).collect();
-    for chunk in ids.chunks(CHUNK) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for i in chunk {
-            let mut task = body.clone();
-            task["id"] = json!(format!("s{i}"));
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("s{i}").as_str());
-            acks.push(
-                js.publish_with_headers(subject.clone(), headers, task.to_string().into())
-                    .await?,
-            );
-        }
-        for ack in acks {
-            tokio::time::timeout(args.timeout, std::future::IntoFuture::into_future(ack))
-                .await
-                .context("no publish acknowledgement in time")??;
-        }
-    }
-    let mut done = 0;
-    while done < tasks {
-        match tokio::time::timeout(args.timeout, completed.next()).await {
-            Ok(Some(_)) => done += 1,
-            Ok(None) => bail!("the NATS connection closed"),
-            Err(_) => {
-                for node in &mut running {
-                    node.check()?;
-                }
-                bail!(
-                    "{} of {tasks} tasks missing: none completed for {:?}",
-                    tasks - done,
-                    args.timeout
-                );
-            }
-        }
-    }
+    publish(
+        &js,
+        &subject,
+        "s",
+        0..tasks,
+        &json!({"ms": SLEEP_MS}),
+        args.timeout,
+    )
+    .await?;
+    await_completed(&mut completed, &mut running, tasks, args.timeout).await?;
     let rate = tasks as f64 / started.elapsed().as_secs_f64().max(f64::EPSILON);
     for node in &mut running {
         node.stop().await?;
     }
-    delete_all(
-        client,
-        &[subjects.stream_tasks(), subjects.stream_dead()],
-        &[subjects.bucket_tasks(), subjects.bucket_cancels()],
-    )
-    .await;
-    tokio::time::sleep(Duration::ZERO).await;
+    clean_up(client, &subjects).await;
     Ok(rate)
 }
