@@ -45,6 +45,7 @@ fn handlers(quick_gate: bool, serve_gate: bool) -> Handlers {
 }
 
 struct Setup {
+    heartbeat: Duration,
     workers: usize,
     queue: usize,
     quick_gate: bool,
@@ -54,6 +55,7 @@ struct Setup {
 impl Default for Setup {
     fn default() -> Self {
         Self {
+            heartbeat: Duration::from_secs(3600),
             workers: 2,
             queue: 20,
             quick_gate: false,
@@ -71,7 +73,7 @@ async fn start_node(url: &str, prefix: &str, id: &str, setup: Setup) -> Node {
     let mut options = NodeOptions {
         prefix: prefix.to_owned(),
         mode: Mode::JetStream,
-        heartbeat_interval: Duration::from_secs(3600),
+        heartbeat_interval: setup.heartbeat,
         shutdown_timeout: Duration::from_millis(300),
         ..NodeOptions::default()
     };
@@ -592,5 +594,70 @@ async fn a_retried_submit_whose_first_publish_was_lost_is_queued_not_refused() {
     // Now it is no longer queued: the same id again is a duplicate.
     let r = request(&client, subjects.submit("echo"), json!({"id": "lost-1"})).await;
     assert_eq!(r["error"]["code"], "duplicate_id", "{r}");
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn a_late_result_of_a_superseded_attempt_does_not_overwrite_the_record() {
+    let server = LocalServer::start().unwrap();
+    let subjects = Subjects::new("j9").unwrap();
+    let node = start_node(
+        &server.url(),
+        "j9",
+        "slow",
+        Setup {
+            heartbeat: Duration::from_millis(100),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = subscribe(&client, subjects.task_events("late")).await;
+    let mut metrics = subscribe(&client, subjects.metrics("slow")).await;
+    let r = request(&client, subjects.submit("gate"), json!({"id": "late"})).await;
+    assert_eq!(r["ok"], true);
+    until(&mut events, "late", "started").await;
+    record_until(&client, &subjects.bucket_tasks(), "late", |r| {
+        r["status"] == "running"
+    })
+    .await;
+
+    // Meanwhile another node took the task over and runs attempt 2.
+    let kv = jetstream::new(client.clone())
+        .get_key_value(subjects.bucket_tasks())
+        .await
+        .unwrap();
+    let mut newer = kv_record(&client, &subjects.bucket_tasks(), "late")
+        .await
+        .unwrap();
+    newer["attempt"] = json!(2);
+    newer["node"] = json!("other");
+    kv.put("late", newer.to_string().into()).await.unwrap();
+
+    // The slow node's attempt 1 ends late: its write is discarded, counted.
+    let r = request(
+        &client,
+        subjects.api(dispatcher_nats::ApiEndpoint::Cancel),
+        json!({"id": "late"}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    until(&mut events, "late", "cancelled").await;
+    let counted = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let snapshot = next_event(&mut metrics).await;
+            if snapshot["records"]["stale"].as_u64().unwrap_or(0) >= 1 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(counted.is_ok(), "no stale write counted within 10 s");
+    let record = kv_record(&client, &subjects.bucket_tasks(), "late")
+        .await
+        .unwrap();
+    assert_eq!(record["attempt"], 2, "{record}");
+    assert_eq!(record["node"], "other", "{record}");
+    assert_eq!(record["status"], "running", "{record}");
     node.shutdown().await;
 }
