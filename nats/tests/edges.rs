@@ -14,7 +14,9 @@ use dispatcher_nats::{LocalServer, Node, NodeOptions};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-const DEADLINE: Duration = Duration::from_secs(10);
+mod common;
+
+use common::{next_json, request, subscribe, DEADLINE};
 
 /// The handlers every node here serves:
 /// - `echo` answers its payload;
@@ -87,34 +89,6 @@ async fn start_node_at(
         .await
         .unwrap();
     (async_nats::connect(url).await.unwrap(), node)
-}
-
-async fn subscribe(client: &async_nats::Client, subject: &str) -> async_nats::Subscriber {
-    let sub = client.subscribe(subject.to_owned()).await.unwrap();
-    client.flush().await.unwrap();
-    sub
-}
-
-async fn request(client: &async_nats::Client, subject: &str, body: Value) -> Value {
-    let msg = tokio::time::timeout(
-        DEADLINE,
-        client.request(subject.to_owned(), body.to_string().into()),
-    )
-    .await
-    .expect("reply within 10 s")
-    .expect("request");
-    serde_json::from_slice(&msg.payload).unwrap()
-}
-
-async fn next_json(sub: &mut async_nats::Subscriber) -> (String, Value) {
-    let msg = tokio::time::timeout(DEADLINE, sub.next())
-        .await
-        .expect("message within 10 s")
-        .unwrap();
-    (
-        msg.subject.to_string(),
-        serde_json::from_slice(&msg.payload).unwrap(),
-    )
 }
 
 /// Reads events until one named `last`; answers all of them, in order.

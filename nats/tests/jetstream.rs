@@ -11,10 +11,11 @@ use std::time::Duration;
 use async_nats::jetstream;
 use dispatcher_actors::{handler_fn, DispatcherConfig, Handlers, NodeId, TaskError, TaskKind};
 use dispatcher_nats::{LocalServer, Mode, Node, NodeOptions, Subjects};
-use futures::StreamExt;
 use serde_json::{json, Value};
 
-const DEADLINE: Duration = Duration::from_secs(10);
+mod common;
+
+use common::{next_json, request, subscribe, DEADLINE};
 
 fn kind(name: &str) -> TaskKind {
     TaskKind::new(name).unwrap()
@@ -89,26 +90,8 @@ async fn start_node(url: &str, prefix: &str, id: &str, setup: Setup) -> Node {
     .unwrap()
 }
 
-async fn subscribe(client: &async_nats::Client, subject: String) -> async_nats::Subscriber {
-    let sub = client.subscribe(subject).await.unwrap();
-    client.flush().await.unwrap();
-    sub
-}
-
-async fn request(client: &async_nats::Client, subject: String, body: Value) -> Value {
-    let msg = tokio::time::timeout(DEADLINE, client.request(subject, body.to_string().into()))
-        .await
-        .expect("reply within 10 s")
-        .expect("request");
-    serde_json::from_slice(&msg.payload).unwrap()
-}
-
 async fn next_event(sub: &mut async_nats::Subscriber) -> Value {
-    let msg = tokio::time::timeout(DEADLINE, sub.next())
-        .await
-        .expect("event within 10 s")
-        .unwrap();
-    serde_json::from_slice(&msg.payload).unwrap()
+    next_json(sub).await.1
 }
 
 /// Events until `id` has one named `name`; answers them all.

@@ -7,10 +7,11 @@ use async_nats::HeaderMap;
 use dispatcher_actors::{handler_fn, DispatcherConfig, Handlers, NodeId, TaskKind};
 use dispatcher_nats::codec::Limits;
 use dispatcher_nats::{LocalServer, Node, NodeOptions};
-use futures::StreamExt;
 use serde_json::{json, Value};
 
-const DEADLINE: Duration = Duration::from_secs(10);
+mod common;
+
+use common::{next_json, request_raw, DEADLINE};
 
 async fn start_node(server: &LocalServer, prefix: &str) -> (async_nats::Client, Node) {
     let mut handlers = Handlers::new();
@@ -42,28 +43,6 @@ async fn start_node(server: &LocalServer, prefix: &str) -> (async_nats::Client, 
     (async_nats::connect(server.url()).await.unwrap(), node)
 }
 
-async fn request(client: &async_nats::Client, subject: &str, body: &[u8]) -> Value {
-    let msg = tokio::time::timeout(
-        DEADLINE,
-        client.request(subject.to_owned(), body.to_vec().into()),
-    )
-    .await
-    .expect("reply within 10 s")
-    .expect("request");
-    serde_json::from_slice(&msg.payload).unwrap()
-}
-
-async fn next_json(sub: &mut async_nats::Subscriber) -> (String, Value) {
-    let msg = tokio::time::timeout(DEADLINE, sub.next())
-        .await
-        .expect("message within 10 s")
-        .unwrap();
-    (
-        msg.subject.to_string(),
-        serde_json::from_slice(&msg.payload).unwrap(),
-    )
-}
-
 #[actix::test]
 async fn a_submitted_task_is_answered_and_its_events_published() {
     let server = LocalServer::start().unwrap();
@@ -71,7 +50,7 @@ async fn a_submitted_task_is_answered_and_its_events_published() {
     let mut events = client.subscribe("dispatch.events.*.job-1.*").await.unwrap();
     client.flush().await.unwrap();
 
-    let reply = request(
+    let reply = request_raw(
         &client,
         "dispatch.submit.echo",
         br#"{"id":"job-1","payload":{"n":7},"priority":"high"}"#,
@@ -100,7 +79,7 @@ async fn a_submitted_task_is_answered_and_its_events_published() {
     }
     assert_eq!(names, ["accepted", "started", "completed"]);
 
-    let generated = request(&client, "dispatch.submit.echo", br#"{"payload":1}"#).await;
+    let generated = request_raw(&client, "dispatch.submit.echo", br#"{"payload":1}"#).await;
     let id = generated["id"].as_str().unwrap();
     assert_eq!(uuid_version(id), Some('7'), "{id}");
     node.shutdown().await;
@@ -158,7 +137,7 @@ async fn bad_input_gets_a_clear_error_and_a_rejected_event_and_the_node_goes_on(
         (deep.into_bytes(), "invalid_json", None),
     ];
     for (body, code, field) in cases {
-        let reply = request(&client, "p2.submit.echo", &body).await;
+        let reply = request_raw(&client, "p2.submit.echo", &body).await;
         assert_eq!(reply["ok"], false, "{reply}");
         assert_eq!(reply["error"]["code"], code, "{reply}");
         assert_eq!(reply["error"]["field"].as_str(), field, "{reply}");
@@ -180,11 +159,11 @@ async fn bad_input_gets_a_clear_error_and_a_rejected_event_and_the_node_goes_on(
     let reply: Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(reply["error"]["code"], "unsupported_content_type");
 
-    request(&client, "p2.submit.echo", br#"{"id": "dup"}"#).await;
-    let dup = request(&client, "p2.submit.echo", br#"{"id": "dup"}"#).await;
+    request_raw(&client, "p2.submit.echo", br#"{"id": "dup"}"#).await;
+    let dup = request_raw(&client, "p2.submit.echo", br#"{"id": "dup"}"#).await;
     assert_eq!(dup["error"]["code"], "duplicate_id");
 
-    let batch = request(
+    let batch = request_raw(
         &client,
         "p2.submit.echo",
         br#"[{"id": "b1"}, {"priority": 5}, {"id": "b3"}]"#,
@@ -196,7 +175,7 @@ async fn bad_input_gets_a_clear_error_and_a_rejected_event_and_the_node_goes_on(
     assert_eq!(results[1]["error"]["field"], "priority");
     assert_eq!(results[2]["id"], "b3");
 
-    let fine = request(
+    let fine = request_raw(
         &client,
         "p2.submit.echo",
         br#"{"payload": "still serving"}"#,
@@ -232,12 +211,12 @@ async fn tasks_published_onto_the_queue_run_and_the_subject_is_authoritative() {
     }
     assert_eq!(seen.iter().filter(|n| *n == "accepted").count(), 1);
 
-    let mismatch = request(&client, "p3.tasks.echo.low", br#"{"priority": "high"}"#).await;
+    let mismatch = request_raw(&client, "p3.tasks.echo.low", br#"{"priority": "high"}"#).await;
     assert_eq!(mismatch["error"]["code"], "invalid_field");
     assert_eq!(mismatch["error"]["field"], "priority");
-    let wrong_kind = request(&client, "p3.tasks.echo.low", br#"{"kind": "sleep"}"#).await;
+    let wrong_kind = request_raw(&client, "p3.tasks.echo.low", br#"{"kind": "sleep"}"#).await;
     assert_eq!(wrong_kind["error"]["code"], "kind_mismatch");
-    let bad_priority = request(&client, "p3.tasks.echo.urgent", br#"{}"#).await;
+    let bad_priority = request_raw(&client, "p3.tasks.echo.urgent", br#"{}"#).await;
     assert_eq!(bad_priority["error"]["code"], "invalid_field");
     node.shutdown().await;
 }
@@ -277,13 +256,13 @@ async fn the_control_api_answers_as_a_micro_service() {
     let mut events = client.subscribe("p5.events.*.long.*").await.unwrap();
     client.flush().await.unwrap();
 
-    request(
+    request_raw(
         &client,
         "p5.submit.echo",
         br#"{"id": "e1", "payload": [1]}"#,
     )
     .await;
-    request(&client, "p5.submit.wait", br#"{"id": "long"}"#).await;
+    request_raw(&client, "p5.submit.wait", br#"{"id": "long"}"#).await;
     loop {
         let (_, e) = next_json(&mut events).await;
         if e["event"] == "started" {
@@ -293,7 +272,7 @@ async fn the_control_api_answers_as_a_micro_service() {
     // e1 may still be finishing; poll its status until it is completed.
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let record = loop {
-        let r = request(&client, "p5.api.status", br#"{"id": "e1"}"#).await;
+        let r = request_raw(&client, "p5.api.status", br#"{"id": "e1"}"#).await;
         if r["task"]["status"] == "completed" {
             break r["task"].clone();
         }
@@ -326,7 +305,7 @@ async fn the_control_api_answers_as_a_micro_service() {
     }
     assert_eq!(record["result"], json!([1]));
 
-    let list = request(&client, "p5.api.list", br#"{"status": "running"}"#).await;
+    let list = request_raw(&client, "p5.api.list", br#"{"status": "running"}"#).await;
     let ids: Vec<_> = list["tasks"]
         .as_array()
         .unwrap()
@@ -334,7 +313,7 @@ async fn the_control_api_answers_as_a_micro_service() {
         .map(|t| t["id"].clone())
         .collect();
     assert_eq!(ids, [json!("long")]);
-    let cancel = request(&client, "p5.api.cancel", br#"{"id": "long"}"#).await;
+    let cancel = request_raw(&client, "p5.api.cancel", br#"{"id": "long"}"#).await;
     assert_eq!(cancel, json!({"ok": true, "status": "cancelling"}));
     loop {
         let (_, e) = next_json(&mut events).await;
@@ -342,25 +321,25 @@ async fn the_control_api_answers_as_a_micro_service() {
             break;
         }
     }
-    let again = request(&client, "p5.api.cancel", br#"{"id": "long"}"#).await;
+    let again = request_raw(&client, "p5.api.cancel", br#"{"id": "long"}"#).await;
     assert_eq!(again["error"]["code"], "already_finished");
-    let missing = request(&client, "p5.api.status", br#"{"id": "nope"}"#).await;
+    let missing = request_raw(&client, "p5.api.status", br#"{"id": "nope"}"#).await;
     assert_eq!(missing["error"]["code"], "not_found");
-    let bad = request(&client, "p5.api.status", br#"{"id": 5}"#).await;
+    let bad = request_raw(&client, "p5.api.status", br#"{"id": 5}"#).await;
     assert_eq!(bad["error"]["field"], "id");
-    let bad_limit = request(&client, "p5.api.list", br#"{"limit": 0}"#).await;
+    let bad_limit = request_raw(&client, "p5.api.list", br#"{"limit": 0}"#).await;
     assert_eq!(bad_limit["error"]["field"], "limit");
 
-    let stats = request(&client, "p5.api.stats", b"{}").await;
+    let stats = request_raw(&client, "p5.api.stats", b"{}").await;
     assert_eq!(stats["stats"]["submitted"], 2);
     assert_eq!(stats["stats"]["completed"], 1);
     assert_eq!(stats["stats"]["cancelled"], 1);
-    let errors = request(&client, "p5.api.errors", b"{}").await;
+    let errors = request_raw(&client, "p5.api.errors", b"{}").await;
     assert_eq!(errors["ok"], true);
 
-    let ping = request(&client, "$SRV.PING.dispatch", b"").await;
+    let ping = request_raw(&client, "$SRV.PING.dispatch", b"").await;
     assert_eq!(ping["name"], "dispatch");
-    let info = request(&client, "$SRV.INFO.dispatch", b"").await;
+    let info = request_raw(&client, "$SRV.INFO.dispatch", b"").await;
     let subjects: Vec<_> = info["endpoints"]
         .as_array()
         .unwrap()
