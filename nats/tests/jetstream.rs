@@ -642,5 +642,22 @@ async fn a_late_result_of_a_superseded_attempt_does_not_overwrite_the_record() {
     assert_eq!(record["attempt"], 2, "{record}");
     assert_eq!(record["node"], "other", "{record}");
     assert_eq!(record["status"], "running", "{record}");
+    // The control API answers from KV, the cluster's view, not from this
+    // node's registry (which holds its own, cancelled, attempt 1).
+    let status = request(
+        &client,
+        subjects.api(dispatcher_nats::ApiEndpoint::Status),
+        json!({"id": "late"}),
+    )
+    .await;
+    assert_eq!(status["task"]["node"], "other", "{status}");
+    let list = request(
+        &client,
+        subjects.api(dispatcher_nats::ApiEndpoint::List),
+        json!({"kind": "gate"}),
+    )
+    .await;
+    assert_eq!(list["tasks"][0]["node"], "other", "{list}");
+    assert_eq!(list["tasks"][0]["attempt"], 2, "{list}");
     node.shutdown().await;
 }
