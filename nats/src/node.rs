@@ -19,6 +19,7 @@ use crate::codec::Limits;
 use crate::jetstream::cancels::{self, PendingCancels};
 use crate::jetstream::cluster::{self, Cluster, HeldDeliveries};
 use crate::jetstream::delivery::{Acks, DeliveryContext, DeliveryStats};
+use crate::jetstream::pull::Pulling;
 use crate::jetstream::records::RecordMirror;
 use crate::jetstream::store::DurableStore;
 use crate::jetstream::{pull, JetStreamOptions, SetupError};
@@ -132,6 +133,7 @@ pub struct Node {
     service: async_nats::service::Service,
     pending_cancels: Option<PendingCancels>,
     acks: Option<Acks>,
+    pulling: Option<Pulling>,
     intake: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -210,6 +212,7 @@ impl Node {
         let mut intake = Vec::new();
         let mut pending_cancels = None;
         let mut acks = None;
+        let mut pulling = None;
         match &durable {
             None => intake.push(
                 ingest::start_core(client.clone(), subjects.clone(), dispatcher.clone(), limits)
@@ -237,7 +240,7 @@ impl Node {
                     held: held.clone(),
                     acks: node_acks,
                 };
-                intake.extend(
+                pulling = Some(
                     pull::start(
                         client.clone(),
                         durable,
@@ -314,6 +317,7 @@ impl Node {
             service,
             pending_cancels,
             acks,
+            pulling,
             intake,
             tasks: {
                 service_tasks.extend([gateway, heartbeat]);
@@ -353,7 +357,11 @@ impl Node {
     /// Stops taking work, lets running tasks finish within the shutdown
     /// timeout, publishes `offline` and flushes.
     pub async fn shutdown(self) -> ShutdownReport {
-        // Stop taking work first: no more pulls, no more submissions.
+        // Stop taking work first: no more pulls (the one under way hands
+        // its tasks over, to be given back below), no more submissions.
+        if let Some(pulling) = self.pulling {
+            pulling.stop().await;
+        }
         for t in self.intake.iter().chain(&self.tasks) {
             t.abort();
         }

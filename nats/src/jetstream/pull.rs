@@ -22,7 +22,7 @@ use dispatcher_actors::{
     SubmitOptions, Task, TaskRecord, TaskStatus,
 };
 use futures::StreamExt;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -67,7 +67,7 @@ pub async fn start(
     ctx: DeliveryContext,
     cancels: PendingCancels,
     mirror: RecordMirror,
-) -> Result<Vec<JoinHandle<()>>, PullError> {
+) -> Result<Pulling, PullError> {
     let mut levels: Vec<Vec<Source>> = Vec::new();
     // Queue subject → (may have messages, the bell rang for it).
     type Flags = (Arc<AtomicBool>, Arc<AtomicBool>);
@@ -149,8 +149,37 @@ pub async fn start(
         fetch_batch: options.fetch_batch.max(1),
     };
     let idle_poll = options.idle_poll;
-    let looping = tokio::spawn(async move { puller.run(levels, bell, idle_poll).await });
-    Ok(vec![ringer, looping])
+    let (stop, stopped) = watch::channel(false);
+    let looping = tokio::spawn(async move { puller.run(levels, bell, idle_poll, stopped).await });
+    Ok(Pulling {
+        stop,
+        looping,
+        ringer,
+    })
+}
+
+/// The running pull loop.
+pub struct Pulling {
+    stop: watch::Sender<bool>,
+    looping: JoinHandle<()>,
+    ringer: JoinHandle<()>,
+}
+
+impl Pulling {
+    /// Stops pulling once the pull under way (if any) has handed its
+    /// messages to the actors: a pull cut short would leave what it
+    /// fetched unacknowledged until the ack wait runs out.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.ringer.abort();
+        let mut looping = self.looping;
+        if tokio::time::timeout(PULL_STALL * 2, &mut looping)
+            .await
+            .is_err()
+        {
+            looping.abort();
+        }
+    }
 }
 
 struct Puller {
@@ -166,16 +195,26 @@ struct Puller {
 }
 
 impl Puller {
-    async fn run(self, levels: Vec<Vec<Source>>, bell: Arc<Notify>, idle_poll: Duration) {
+    async fn run(
+        self,
+        levels: Vec<Vec<Source>>,
+        bell: Arc<Notify>,
+        idle_poll: Duration,
+        mut stopped: watch::Receiver<bool>,
+    ) {
         let mut room = self.dispatcher.room();
         let mut poll = tokio::time::interval(idle_poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut empty_rounds = 0u32;
         loop {
+            if *stopped.borrow() {
+                return;
+            }
             let free = *room.borrow_and_update();
             if free == 0 {
-                if room.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = room.changed() => if changed.is_err() { return },
+                    _ = stopped.changed() => return,
                 }
                 continue;
             }
@@ -212,6 +251,7 @@ impl Puller {
             }
             empty_rounds = 0;
             tokio::select! {
+                _ = stopped.changed() => return,
                 _ = bell.notified() => {}
                 _ = poll.tick() => {
                     for s in levels.iter().flatten() {
