@@ -40,6 +40,30 @@ use crate::task::{TaskId, TaskKind};
 pub trait TaskHandler: Send + Sync + 'static {
     /// Runs one attempt of a task.
     async fn run(&self, ctx: TaskContext, payload: Value) -> Result<Value, TaskError>;
+
+    /// Where this handler's attempts run: [`Placement::Thread`] unless the
+    /// handler says otherwise.
+    fn placement(&self) -> Placement {
+        Placement::Thread
+    }
+}
+
+/// Where a handler's attempts run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// On the worker slot's own thread (the default): the handler may
+    /// block or compute for as long as it likes, and attempts on different
+    /// slots run in parallel. Handing an attempt to the thread and its
+    /// outcome back costs two thread wake-ups.
+    #[default]
+    Thread,
+    /// On the dispatcher's event loop, beside its actors (and, in a node,
+    /// its NATS connection): for handlers that only await — I/O, timers,
+    /// child processes — and do little work between awaits. No thread
+    /// hand-off, so the cheapest way to run short tasks; but a handler
+    /// that blocks here stalls the whole node, so never place CPU-bound or
+    /// blocking work on it.
+    EventLoop,
 }
 
 /// A handler from an async closure.
@@ -53,11 +77,33 @@ where
     F: Fn(TaskContext, Value) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
 {
-    FnHandler(f)
+    FnHandler {
+        f,
+        placement: Placement::Thread,
+    }
 }
 
 /// A [`TaskHandler`] made by [`handler_fn`].
-pub struct FnHandler<F>(F);
+pub struct FnHandler<F> {
+    f: F,
+    placement: Placement,
+}
+
+impl<F> FnHandler<F> {
+    /// Runs the handler's attempts at `placement` (a thread of their own
+    /// unless told otherwise).
+    ///
+    /// ```
+    /// use dispatcher_actors::{handler_fn, Placement, TaskError};
+    /// // Only awaits: cheapest on the event loop.
+    /// let echo = handler_fn(|_ctx, payload| async move { Ok::<_, TaskError>(payload) })
+    ///     .with_placement(Placement::EventLoop);
+    /// ```
+    pub fn with_placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+}
 
 #[async_trait]
 impl<F, Fut> TaskHandler for FnHandler<F>
@@ -66,7 +112,11 @@ where
     Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
 {
     async fn run(&self, ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
-        (self.0)(ctx, payload).await
+        (self.f)(ctx, payload).await
+    }
+
+    fn placement(&self) -> Placement {
+        self.placement
     }
 }
 

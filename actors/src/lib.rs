@@ -42,7 +42,9 @@ pub use event::{
     EventBody, EventSink, NodeEvent, NodeEventBody, NodeEventName, NullSink, TaskEvent,
     TaskEventName, TaskStatus, WorkerInfo, WorkerState,
 };
-pub use handler::{handler_fn, FnHandler, Handlers, TaskContext, TaskError, TaskHandler};
+pub use handler::{
+    handler_fn, FnHandler, Handlers, Placement, TaskContext, TaskError, TaskHandler,
+};
 pub use record::{ErrorEntry, Stats, TaskRecord};
 pub use task::{
     Backoff, BackoffSpec, NodeId, Priority, ResourceMode, ResourceSpec, Task, TaskDefaults, TaskId,

@@ -1,5 +1,8 @@
-//! The Worker actor: runs one attempt at a time on its own Arbiter (its own
-//! thread), so CPU-bound handlers on two workers run in parallel.
+//! The Worker actor: runs one attempt at a time. The actor lives beside
+//! the Supervisor, on its thread; the handler's future runs where the
+//! handler's [`Placement`] says: on the event loop there too, or on the
+//! slot's own thread (an Arbiter), so that CPU-bound handlers on two
+//! workers run in parallel.
 //!
 //! It owns the attempt's lifecycle: the `started` event, the handler's
 //! future (spawned so that a panic is caught as a `JoinError`), the
@@ -14,17 +17,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::dev::ArbiterHandle;
 use actix::{
     Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, WrapFuture,
 };
 use serde_json::Value;
 use tokio::sync::oneshot;
+use tokio::task::{AbortHandle, JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::emitter::Emitter;
 use crate::event::EventBody;
-use crate::handler::{Handlers, TaskContext, TaskError};
+use crate::handler::{Handlers, Placement, TaskContext, TaskError};
 use crate::supervisor::{AttemptFinished, Supervisor};
 use crate::task::{TaskId, TaskKind};
 
@@ -36,6 +41,8 @@ pub struct Worker {
     handlers: Handlers,
     emitter: Emitter,
     grace: Duration,
+    /// The slot's own thread, where handlers placed on a thread run.
+    thread: ArbiterHandle,
     /// Stops the running attempt, if any.
     stop: Option<(TaskId, oneshot::Sender<StopReason>)>,
 }
@@ -48,6 +55,7 @@ impl Worker {
         handlers: Handlers,
         emitter: Emitter,
         grace: Duration,
+        thread: ArbiterHandle,
     ) -> Self {
         Self {
             slot,
@@ -56,6 +64,7 @@ impl Worker {
             handlers,
             emitter,
             grace,
+            thread,
             stop: None,
         }
     }
@@ -171,10 +180,15 @@ impl Handler<RunTask> for Worker {
             cancel.clone(),
             progress,
         );
+        let placement = handler.placement();
         let work = async move { handler.run(task_ctx, payload).await };
+        let running = match placement {
+            Placement::EventLoop => Running::Local(tokio::task::spawn_local(work)),
+            Placement::Thread => Running::on_thread(&self.thread, work),
+        };
         let grace = self.grace;
         let attempt_fut = async move {
-            let outcome = supervise_attempt(work, deadline, stop_rx, cancel, grace).await;
+            let outcome = supervise_attempt(running, deadline, stop_rx, cancel, grace).await;
             done.store(true, Ordering::Release);
             outcome
         };
@@ -197,19 +211,95 @@ impl Handler<RunTask> for Worker {
     }
 }
 
+/// What a handler's future returns.
+type HandlerResult = Result<Value, TaskError>;
+
+/// A handler's future, running on this thread or on the slot's.
+enum Running {
+    /// Spawned here, on the event loop.
+    Local(JoinHandle<HandlerResult>),
+    /// Spawned on the slot's thread; its end and its abort handle come
+    /// back over channels (closed if the thread is gone).
+    Thread {
+        ended: oneshot::Receiver<Result<HandlerResult, JoinError>>,
+        abort: Option<oneshot::Receiver<AbortHandle>>,
+    },
+}
+
+/// How a handler's future ended.
+enum Ended {
+    Ran(HandlerResult),
+    Panicked(String),
+    /// Aborted, or its thread stopped under it.
+    Gone(&'static str),
+}
+
+impl Running {
+    /// Spawns `work` on `thread`, inside its local task set (so a handler
+    /// may spawn local tasks as on any Arbiter).
+    fn on_thread(
+        thread: &ArbiterHandle,
+        work: impl std::future::Future<Output = HandlerResult> + Send + 'static,
+    ) -> Self {
+        let (ended_tx, ended) = oneshot::channel();
+        let (abort_tx, abort) = oneshot::channel();
+        // A thread that is gone drops the future, and with it the senders:
+        // the attempt then ends as lost.
+        thread.spawn(async move {
+            let join = tokio::task::spawn_local(work);
+            let _ = abort_tx.send(join.abort_handle());
+            let _ = ended_tx.send(join.await);
+        });
+        Running::Thread {
+            ended,
+            abort: Some(abort),
+        }
+    }
+
+    /// Resolves once the future has finished or been dropped (safe to
+    /// call again if a caller gave up waiting).
+    async fn ended(&mut self) -> Ended {
+        let joined = match self {
+            Running::Local(join) => join.await,
+            Running::Thread { ended, .. } => match ended.await {
+                Ok(joined) => joined,
+                Err(_) => return Ended::Gone("the worker's thread stopped"),
+            },
+        };
+        match joined {
+            Ok(result) => Ended::Ran(result),
+            Err(e) if e.is_panic() => Ended::Panicked(panic_message(e.into_panic())),
+            Err(_) => Ended::Gone("the attempt's task was aborted"),
+        }
+    }
+
+    /// Drops the future where it runs (at its next await).
+    async fn abort(&mut self) {
+        match self {
+            Running::Local(join) => join.abort(),
+            Running::Thread { abort, .. } => {
+                if let Some(handle) = abort.take() {
+                    if let Ok(handle) = handle.await {
+                        handle.abort();
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Runs the handler's future to its end, or stops it on timeout or a stop
 /// request: cancel the token, wait up to `grace`, then drop the future.
 /// Returns only once the future has finished or been dropped.
 async fn supervise_attempt(
-    work: impl std::future::Future<Output = Result<Value, TaskError>> + 'static,
+    mut running: Running,
     deadline: tokio::time::Instant,
     stop_rx: oneshot::Receiver<StopReason>,
     cancel: CancellationToken,
     grace: Duration,
 ) -> AttemptOutcome {
-    let mut join = tokio::task::spawn_local(work);
     let stopped = tokio::select! {
-        res = &mut join => return outcome_of(res),
+        ended = running.ended() => return outcome_of(ended),
         _ = tokio::time::sleep_until(deadline) => AttemptOutcome::TimedOut,
         reason = stop_rx => match reason {
             Ok(StopReason::Cancel(why)) => AttemptOutcome::Cancelled(why),
@@ -217,30 +307,30 @@ async fn supervise_attempt(
         },
     };
     cancel.cancel();
-    match tokio::time::timeout(grace, &mut join).await {
+    match tokio::time::timeout(grace, running.ended()).await {
         // A panic while stopping is still a crash.
-        Ok(Err(e)) if e.is_panic() => outcome_of(Err(e)),
+        Ok(Ended::Panicked(why)) => AttemptOutcome::Panicked(why),
         Ok(_) => stopped,
         Err(_) => {
             warn!(
                 grace_ms = grace.as_millis() as u64,
                 "Handler ignored cancellation; dropping its future."
             );
-            join.abort();
+            running.abort().await;
             // Resolves once the future has been dropped, so nothing of the
             // attempt runs after we report it over.
-            let _ = join.await;
+            let _ = running.ended().await;
             stopped
         }
     }
 }
 
-fn outcome_of(res: Result<Result<Value, TaskError>, tokio::task::JoinError>) -> AttemptOutcome {
-    match res {
-        Ok(Ok(value)) => AttemptOutcome::Completed(value),
-        Ok(Err(err)) => AttemptOutcome::Failed(err),
-        Err(e) if e.is_panic() => AttemptOutcome::Panicked(panic_message(e.into_panic())),
-        Err(_) => AttemptOutcome::Panicked("the attempt's task was aborted".to_owned()),
+fn outcome_of(ended: Ended) -> AttemptOutcome {
+    match ended {
+        Ended::Ran(Ok(value)) => AttemptOutcome::Completed(value),
+        Ended::Ran(Err(err)) => AttemptOutcome::Failed(err),
+        Ended::Panicked(why) => AttemptOutcome::Panicked(why),
+        Ended::Gone(why) => AttemptOutcome::Panicked(why.to_owned()),
     }
 }
 

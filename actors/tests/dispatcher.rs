@@ -9,8 +9,8 @@ use std::time::Duration;
 use dispatcher_actors::{
     handler_fn, Backoff, CancelOutcome, Delivery, DeliveryHandle, DispatchError, Dispatcher,
     DispatcherConfig, ErrorCode, EventBody, EventSink, Handlers, ListFilter, NodeEvent,
-    NodeEventBody, NodeId, Priority, RestartPolicy, Settlement, SubmitOptions, TaskError,
-    TaskEvent, TaskEventName, TaskId, TaskKind, TaskSpec, TaskStatus,
+    NodeEventBody, NodeId, Placement, Priority, RestartPolicy, Settlement, SubmitOptions,
+    TaskError, TaskEvent, TaskEventName, TaskId, TaskKind, TaskSpec, TaskStatus,
 };
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -48,7 +48,9 @@ fn kind(s: &str) -> TaskKind {
 }
 
 /// Handlers for the tests: echo, sleep (ms), fail (fails the first N
-/// attempts), panic, hang (ignores cancellation), block (CPU-bound rendezvous).
+/// attempts), panic, hang (ignores cancellation), block (CPU-bound
+/// rendezvous), where (the thread it runs on); `panic-loop`, `hang-loop`
+/// and `where-loop` are the same on the event loop.
 /// How many `block` tasks have arrived.
 type Rendezvous = Arc<AtomicUsize>;
 
@@ -94,6 +96,34 @@ fn handlers(rendezvous: Option<Rendezvous>) -> Handlers {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Ok(Value::Null)
         }),
+    );
+    let thread = || json!(format!("{:?}", std::thread::current().id()));
+    h.insert(
+        kind("where"),
+        handler_fn(move |_ctx, _p| async move { Ok(thread()) }),
+    );
+    h.insert(
+        kind("where-loop"),
+        handler_fn(move |_ctx, _p| async move { Ok(thread()) })
+            .with_placement(Placement::EventLoop),
+    );
+    h.insert(
+        kind("panic-loop"),
+        handler_fn(|_ctx, _p: Value| async move {
+            if true {
+                panic!("boom on the event loop");
+            }
+            Ok(Value::Null)
+        })
+        .with_placement(Placement::EventLoop),
+    );
+    h.insert(
+        kind("hang-loop"),
+        handler_fn(|_ctx, _p| async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(Value::Null)
+        })
+        .with_placement(Placement::EventLoop),
     );
     if let Some(r) = rendezvous {
         h.insert(
@@ -576,6 +606,65 @@ async fn cpu_bound_handlers_on_two_workers_run_in_parallel() {
     })
     .await
     .expect("both tasks finished");
+}
+
+#[actix::test]
+async fn each_placement_runs_where_it_says() {
+    let (d, _) = start(2);
+    let mut rx = d.subscribe();
+    let here = format!("{:?}", std::thread::current().id());
+    let mut ran_on = Vec::new();
+    for k in ["where-loop", "where"] {
+        let s = d.submit(TaskSpec::new(k, json!({}))).await.unwrap();
+        let done = next_named(&mut rx, &s.id, TaskEventName::Completed).await;
+        match done.body {
+            EventBody::Completed { result, .. } => ran_on.push(result),
+            other => panic!("{other:?}"),
+        }
+    }
+    // On the event loop: this thread, the Supervisor's. On a thread: the
+    // slot's own.
+    assert_eq!(ran_on[0], json!(here));
+    assert_ne!(ran_on[1], json!(here));
+}
+
+#[actix::test]
+async fn event_loop_handlers_are_supervised_like_the_others() {
+    let (d, sink) = start(1);
+    let mut rx = d.subscribe();
+    let s = d
+        .submit(TaskSpec::new("panic-loop", json!({})).with_max_attempts(1))
+        .await
+        .unwrap();
+    match &until_final(&mut rx, &s.id).await.last().unwrap().body {
+        EventBody::Failed { error, .. } => {
+            assert_eq!(error.code, ErrorCode::WorkerCrashed);
+            assert!(
+                error.message.contains("boom on the event loop"),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    sink.wait_for(|e| matches!(e.body, NodeEventBody::WorkerRestarted { .. }))
+        .await;
+    // Deaf to cancellation: dropped after the grace, and the slot is free.
+    let s = d
+        .submit(
+            TaskSpec::new("hang-loop", json!({}))
+                .with_timeout_ms(20)
+                .with_max_attempts(1),
+        )
+        .await
+        .unwrap();
+    let events = until_final(&mut rx, &s.id).await;
+    assert_eq!(events.last().unwrap().name(), TaskEventName::TimedOut);
+    let next = d.submit(TaskSpec::new("echo", json!(3))).await.unwrap();
+    assert_eq!(
+        until_final(&mut rx, &next.id).await.last().unwrap().name(),
+        TaskEventName::Completed
+    );
 }
 
 #[actix::test]

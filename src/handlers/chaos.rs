@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dispatcher_actors::{TaskContext, TaskError, TaskHandler};
+use dispatcher_actors::{Placement, TaskContext, TaskError, TaskHandler};
 use serde_json::{json, Value};
 
 /// The `chaos` handler.
@@ -42,5 +42,9 @@ impl TaskHandler for Chaos {
             panic!("chaos: panic requested by the task");
         }
         Ok(json!({ "attempt": ctx.attempt() }))
+    }
+
+    fn placement(&self) -> Placement {
+        Placement::EventLoop
     }
 }

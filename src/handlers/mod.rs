@@ -6,7 +6,7 @@ mod chaos;
 mod exec;
 mod sleep;
 
-use dispatcher_actors::{handler_fn, Handlers, TaskKind};
+use dispatcher_actors::{handler_fn, Handlers, Placement, TaskKind};
 
 pub use chaos::Chaos;
 pub use exec::Exec;
@@ -25,12 +25,15 @@ fn kind(name: &str) -> TaskKind {
     TaskKind::new(name).expect("built-in kinds are valid tokens")
 }
 
-/// The built-in handlers.
+/// The built-in handlers. `echo`, `sleep` and `chaos` only await (or do
+/// nothing), so they run on the node's event loop
+/// ([`Placement::EventLoop`]); `exec` starts programs and reads what they
+/// print, so it keeps a thread of its own.
 pub fn builtin_handlers(options: &HandlerOptions) -> Handlers {
     let mut handlers = Handlers::new();
     handlers.insert(
         kind("echo"),
-        handler_fn(|_ctx, payload| async move { Ok(payload) }),
+        handler_fn(|_ctx, payload| async move { Ok(payload) }).with_placement(Placement::EventLoop),
     );
     handlers.insert(kind("sleep"), Sleep);
     if !options.exec_allow.is_empty() {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dispatcher_actors::{TaskContext, TaskError, TaskHandler};
+use dispatcher_actors::{Placement, TaskContext, TaskError, TaskHandler};
 use serde_json::{json, Value};
 
 /// The `sleep` handler.
@@ -29,6 +29,10 @@ impl TaskHandler for Sleep {
             }
         }
         Ok(json!({ "slept_ms": ms }))
+    }
+
+    fn placement(&self) -> Placement {
+        Placement::EventLoop
     }
 }
 

@@ -1,7 +1,9 @@
-//! The Supervisor's worker slots: starting Workers on their own Arbiters,
-//! noticing crashes (a handler panic, or a Worker gone without a word),
-//! and restarting them one-for-one with backoff, up to the restart
-//! intensity (R restarts in T per slot) after which the slot is disabled.
+//! The Supervisor's worker slots: each has its own thread (an Arbiter) for
+//! handlers placed on a thread, and a Worker actor beside the Supervisor.
+//! Starting Workers, noticing crashes (a handler panic, or a Worker gone
+//! without a word), and restarting them one-for-one with backoff, up to
+//! the restart intensity (R restarts in T per slot) after which the slot
+//! is disabled.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -86,9 +88,11 @@ impl Supervisor {
         }
         slot.generation += 1;
         let (number, generation) = (slot.number, slot.generation);
-        let addr = Worker::start_in_arbiter(&slot.arbiter.handle(), move |_| {
-            Worker::new(number, generation, me, handlers, emitter, grace)
-        });
+        // The Worker lives here, beside the Supervisor: handing it an
+        // attempt and hearing back cost no thread wake-up. Handlers placed
+        // on a thread run on the slot's Arbiter.
+        let thread = slot.arbiter.handle();
+        let addr = Worker::new(number, generation, me, handlers, emitter, grace, thread).start();
         slot.worker = Some(addr);
         slot.set_idle();
     }
