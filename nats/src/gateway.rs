@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use dispatcher_actors::{DispatchError, Dispatcher, SubmitOptions, Submitted, TaskSpec};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -19,7 +19,13 @@ use crate::jetstream::store::DurableStore;
 use crate::subjects::{Subjects, HEADER_CONTENT_TYPE, QUEUE_GROUP};
 use crate::wire;
 
-/// Serves submissions until the returned task is aborted.
+/// Most requests answered together.
+const BATCH: usize = 256;
+
+/// Serves submissions until the returned task is aborted. Requests that
+/// are waiting are taken together (at most `max_inflight` at once), and
+/// the tasks of each kind among them queued or stored in one batch, so
+/// that a busy gateway does not pay two actor round trips per request.
 pub async fn start(
     client: async_nats::Client,
     subjects: Subjects,
@@ -31,10 +37,20 @@ pub async fn start(
     let mut sub = client
         .queue_subscribe(subjects.submit_any(), QUEUE_GROUP.to_owned())
         .await?;
-    let permits = Arc::new(Semaphore::new(max_inflight.max(1)));
+    let max_inflight = max_inflight.clamp(1, Semaphore::MAX_PERMITS);
+    let permits = Arc::new(Semaphore::new(max_inflight));
+    let most = BATCH.min(max_inflight);
     Ok(tokio::spawn(async move {
-        while let Some(msg) = sub.next().await {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
+        while let Some(first) = sub.next().await {
+            let mut msgs = vec![first];
+            while msgs.len() < most {
+                match sub.next().now_or_never() {
+                    Some(Some(msg)) => msgs.push(msg),
+                    _ => break,
+                }
+            }
+            // `msgs.len() <= most <= max_inflight`, so the permits exist.
+            let Ok(permit) = permits.clone().acquire_many_owned(msgs.len() as u32).await else {
                 break;
             };
             let (client, subjects, dispatcher, store) = (
@@ -48,10 +64,12 @@ pub async fn start(
                     dispatcher: &dispatcher,
                     store: store.as_ref(),
                 };
-                let reply = handle(&subjects, &intake, &limits, &msg).await;
-                if let Some(to) = msg.reply {
-                    if let Err(e) = client.publish(to, wire::body(&reply)).await {
-                        warn!(error = %e, "Submit reply not sent.");
+                let replies = handle(&subjects, &intake, &limits, &msgs).await;
+                for (msg, reply) in msgs.into_iter().zip(replies) {
+                    if let Some(to) = msg.reply {
+                        if let Err(e) = client.publish(to, wire::body(&reply)).await {
+                            warn!(error = %e, "Submit reply not sent.");
+                        }
                     }
                 }
                 drop(permit);
@@ -116,60 +134,114 @@ impl Intake<'_> {
     }
 }
 
+/// What a request's reply is made of, while its tasks are submitted.
+enum Reply {
+    /// Answered already (it could not be read).
+    Ready(Value),
+    /// One task: its result, once known.
+    One(Option<Value>),
+    /// A batch: one reply per element, in order.
+    Batch(Vec<Option<Value>>),
+}
+
+/// Where a submitted task's result goes: the request, and the element of
+/// a batch request.
+type Slot = (usize, Option<usize>);
+
+/// The tasks of one kind among the requests handled together.
+struct Group<'a> {
+    kind: Option<&'a str>,
+    slots: Vec<Slot>,
+    specs: Vec<TaskSpec>,
+}
+
+/// Adds a task to the group of its kind.
+fn add<'a>(groups: &mut Vec<Group<'a>>, kind: Option<&'a str>, slot: Slot, spec: TaskSpec) {
+    let at = match groups.iter().position(|g| g.kind == kind) {
+        Some(at) => at,
+        None => {
+            groups.push(Group {
+                kind,
+                slots: Vec::new(),
+                specs: Vec::new(),
+            });
+            groups.len() - 1
+        }
+    };
+    groups[at].slots.push(slot);
+    groups[at].specs.push(spec);
+}
+
+/// Answers each of `msgs`, in order.
 async fn handle(
     subjects: &Subjects,
     intake: &Intake<'_>,
     limits: &Limits,
-    msg: &async_nats::Message,
-) -> Value {
+    msgs: &[async_nats::Message],
+) -> Vec<Value> {
     let dispatcher = intake.dispatcher;
-    let kind = subjects.token(&msg.subject, 1);
-    match decode(msg, limits) {
-        Err(e) => {
-            let info = e.to_info();
-            dispatcher.reject(None, kind, info.clone());
-            wire::error(&info)
-        }
-        Ok(Decoded::One(spec)) => {
-            let r = intake
-                .submit(vec![*spec], kind)
-                .await
-                .pop()
-                .unwrap_or_else(|| {
-                    Err(DispatchError::Unavailable("no answer for the task".into()))
-                });
-            wire::submit_result(&r)
-        }
-        Ok(Decoded::Batch(items)) => {
-            let mut replies: Vec<Option<Value>> = Vec::with_capacity(items.len());
-            let mut specs: Vec<TaskSpec> = Vec::new();
-            for item in items {
-                match item {
-                    Ok(spec) => {
-                        replies.push(None);
-                        specs.push(spec);
-                    }
-                    Err(e) => {
-                        let info = e.to_info();
-                        dispatcher.reject(None, kind, info.clone());
-                        replies.push(Some(wire::error(&info)));
+    let mut replies = Vec::with_capacity(msgs.len());
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, msg) in msgs.iter().enumerate() {
+        let kind = subjects.token(&msg.subject, 1);
+        let reply = match decode(msg, limits) {
+            Err(e) => {
+                let info = e.to_info();
+                dispatcher.reject(None, kind, info.clone());
+                Reply::Ready(wire::error(&info))
+            }
+            Ok(Decoded::One(spec)) => {
+                add(&mut groups, kind, (i, None), *spec);
+                Reply::One(None)
+            }
+            Ok(Decoded::Batch(items)) => {
+                let mut elements = Vec::with_capacity(items.len());
+                for (j, item) in items.into_iter().enumerate() {
+                    match item {
+                        Ok(spec) => {
+                            add(&mut groups, kind, (i, Some(j)), spec);
+                            elements.push(None);
+                        }
+                        Err(e) => {
+                            let info = e.to_info();
+                            dispatcher.reject(None, kind, info.clone());
+                            elements.push(Some(wire::error(&info)));
+                        }
                     }
                 }
+                Reply::Batch(elements)
             }
-            let mut results = intake.submit(specs, kind).await.into_iter();
-            let replies = replies
-                .into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| match results.next() {
-                        Some(r) => wire::submit_result(&r),
-                        None => wire::error(&dispatcher_actors::ErrorInfo::new(
-                            dispatcher_actors::ErrorCode::Internal,
-                            "no answer for this element",
-                        )),
-                    })
-                })
-                .collect();
-            wire::batch(replies)
+        };
+        replies.push(reply);
+    }
+    for group in groups {
+        let results = intake.submit(group.specs, group.kind).await;
+        for ((i, element), result) in group.slots.into_iter().zip(results) {
+            let value = Some(wire::submit_result(&result));
+            match (&mut replies[i], element) {
+                (Reply::One(one), None) => *one = value,
+                (Reply::Batch(elements), Some(j)) => elements[j] = value,
+                _ => {}
+            }
         }
     }
+    let missing = || {
+        wire::error(&dispatcher_actors::ErrorInfo::new(
+            dispatcher_actors::ErrorCode::Internal,
+            "no answer for this task",
+        ))
+    };
+    replies
+        .into_iter()
+        .map(|reply| match reply {
+            Reply::Ready(value) => value,
+            Reply::One(value) => value.unwrap_or_else(missing),
+            Reply::Batch(elements) => wire::batch(
+                elements
+                    .into_iter()
+                    .map(|e| e.unwrap_or_else(missing))
+                    .collect(),
+            ),
+        })
+        .collect()
 }
