@@ -393,6 +393,12 @@ pub struct ServeConfig {
     /// Most tasks one pull asks for.
     #[arg(long, env = "DISPATCH_FETCH_BATCH", default_value_t = 256)]
     pub fetch_batch: usize,
+    /// How long a KV record change that does not end its task (queued,
+    /// running, retrying) waits for the next one before it is written: a
+    /// task that ends within it costs one record write, not one per step.
+    /// A change that ends a task is written at once.
+    #[arg(long, env = "DISPATCH_RECORD_LINGER", default_value = "50ms", value_parser = parse_duration)]
+    pub record_linger: Duration,
     /// A program the `exec` handler may run (repeat the flag, or separate
     /// with commas in the variable). Without any, `exec` is not served.
     #[arg(
@@ -469,6 +475,7 @@ impl ServeConfig {
                 max_ack_pending: self.max_ack_pending,
                 idle_poll: self.idle_poll,
                 fetch_batch: self.fetch_batch,
+                record_linger: self.record_linger,
                 retention: self.retention,
                 ..JetStreamOptions::default()
             },

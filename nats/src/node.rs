@@ -28,6 +28,9 @@ use crate::service::Shared;
 use crate::subjects::{InvalidPrefix, Subjects};
 use crate::{gateway, ingest, jetstream, service};
 
+/// How long shutdown waits for the last task records to be written.
+const MIRROR_DRAIN: Duration = Duration::from_secs(10);
+
 /// How tasks reach the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -133,6 +136,7 @@ pub struct Node {
     service: async_nats::service::Service,
     pending_cancels: Option<PendingCancels>,
     acks: Option<Acks>,
+    mirror: Option<RecordMirror>,
     pulling: Option<Pulling>,
     intake: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -177,8 +181,12 @@ impl Node {
                 ))));
             }
             let durable = jetstream::setup(client.clone(), &subjects, js_options).await?;
-            let mirror =
-                RecordMirror::start(durable.records.clone(), options.event_buffer, held.clone());
+            let mirror = RecordMirror::start(
+                durable.records.clone(),
+                options.event_buffer,
+                js_options.record_linger,
+                held.clone(),
+            );
             let tee = Tee(vec![Arc::new(publisher.clone()), Arc::new(mirror.clone())]);
             js_parts = Some(JsParts {
                 held: held.clone(),
@@ -213,6 +221,7 @@ impl Node {
         let mut pending_cancels = None;
         let mut acks = None;
         let mut pulling = None;
+        let mirror = js_parts.as_ref().map(|p| p.mirror.clone());
         match &durable {
             None => intake.push(
                 ingest::start_core(client.clone(), subjects.clone(), dispatcher.clone(), limits)
@@ -317,6 +326,7 @@ impl Node {
             service,
             pending_cancels,
             acks,
+            mirror,
             pulling,
             intake,
             tasks: {
@@ -375,6 +385,15 @@ impl Node {
         // The naks of the hand-back go out before the node says offline.
         if let Some(acks) = &self.acks {
             acks.drain().await;
+        }
+        // The last tasks' records are written before the node goes.
+        if let Some(mirror) = &self.mirror {
+            if tokio::time::timeout(MIRROR_DRAIN, mirror.drain())
+                .await
+                .is_err()
+            {
+                tracing::warn!("Task records still unwritten at shutdown; left behind.");
+            }
         }
         self.publisher.node_event(&NodeEvent::now(
             self.dispatcher.node().clone(),

@@ -51,6 +51,7 @@ struct Setup {
     queue: usize,
     quick_gate: bool,
     serve_gate: bool,
+    record_linger: Duration,
 }
 
 impl Default for Setup {
@@ -61,6 +62,7 @@ impl Default for Setup {
             queue: 20,
             quick_gate: false,
             serve_gate: true,
+            record_linger: NodeOptions::default().jetstream.record_linger,
         }
     }
 }
@@ -79,6 +81,7 @@ async fn start_node(url: &str, prefix: &str, id: &str, setup: Setup) -> Node {
         ..NodeOptions::default()
     };
     options.jetstream.idle_poll = Duration::from_millis(100);
+    options.jetstream.record_linger = setup.record_linger;
     let nats = async_nats::connect(url).await.unwrap();
     Node::start(
         nats,
@@ -137,6 +140,100 @@ async fn record_until(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Writes to the task records bucket so far: the last sequence of its
+/// stream (every create and update is one message).
+async fn record_writes(client: &async_nats::Client, subjects: &Subjects) -> u64 {
+    let mut stream = jetstream::new(client.clone())
+        .get_stream(Subjects::kv_stream(&subjects.bucket_tasks()))
+        .await
+        .unwrap();
+    stream.info().await.unwrap().state.last_sequence
+}
+
+#[actix::test]
+async fn a_task_that_ends_within_the_linger_costs_one_record_write() {
+    let server = LocalServer::start().unwrap();
+    let setup = Setup {
+        record_linger: Duration::from_secs(3600),
+        ..Setup::default()
+    };
+    let node = start_node(&server.url(), "jl", "n1", setup).await;
+    let subjects = Subjects::new("jl").unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let mut events = subscribe(&client, format!("{}.events.>", subjects.prefix())).await;
+
+    // Through submit: the gateway creates the record, the node writes its
+    // end; `started` is folded into that write.
+    let r = request(&client, subjects.submit("echo"), json!({"id": "s1"})).await;
+    assert_eq!(r["ok"], true);
+    until(&mut events, "s1", "completed").await;
+    let record = record_until(&client, &subjects.bucket_tasks(), "s1", |r| {
+        r["status"] == "completed"
+    })
+    .await;
+    assert!(record["started_at"].is_string(), "{record}");
+    assert_eq!(record_writes(&client, &subjects).await, 2);
+
+    // Straight onto the queue: no record yet; the node creates it once, ended.
+    js.publish(
+        subjects.task("echo", dispatcher_actors::Priority::Normal),
+        json!({"id": "d1"}).to_string().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    until(&mut events, "d1", "completed").await;
+    record_until(&client, &subjects.bucket_tasks(), "d1", |r| {
+        r["status"] == "completed"
+    })
+    .await;
+    assert_eq!(record_writes(&client, &subjects).await, 3);
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn a_running_record_waits_the_linger_and_shutdown_writes_what_waits() {
+    let server = LocalServer::start().unwrap();
+    let subjects = Subjects::new("jw").unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = subscribe(&client, format!("{}.events.>", subjects.prefix())).await;
+
+    // A short linger: a task that keeps running shows `running`.
+    let setup = Setup {
+        record_linger: Duration::from_millis(100),
+        ..Setup::default()
+    };
+    let node = start_node(&server.url(), "jw", "n1", setup).await;
+    let r = request(&client, subjects.submit("gate"), json!({"id": "g1"})).await;
+    assert_eq!(r["ok"], true);
+    until(&mut events, "g1", "started").await;
+    let running = record_until(&client, &subjects.bucket_tasks(), "g1", |r| {
+        r["status"] == "running"
+    })
+    .await;
+    assert_eq!(running["node"], "n1");
+    node.shutdown().await;
+
+    // A linger longer than the test: only shutdown writes the running
+    // record of the task it interrupts, and it does before it returns.
+    let setup = Setup {
+        record_linger: Duration::from_secs(3600),
+        ..Setup::default()
+    };
+    let node = start_node(&server.url(), "jw", "n2", setup).await;
+    until(&mut events, "g1", "started").await;
+    let report = node.shutdown().await;
+    assert_eq!(report.interrupted, 1, "{report:?}");
+    let record = kv_record(&client, &subjects.bucket_tasks(), "g1")
+        .await
+        .expect("the record");
+    assert_eq!(record["status"], "retrying", "{record}");
+    assert_eq!(record["node"], "n2");
+    assert_eq!(record["attempt"], 2);
 }
 
 #[actix::test]

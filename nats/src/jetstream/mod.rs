@@ -45,6 +45,9 @@ pub struct JetStreamOptions {
     pub idle_poll: Duration,
     /// Most messages one pull asks for (256).
     pub fetch_batch: usize,
+    /// How long a KV record change that does not end its task waits for
+    /// the next one, so that a short task's record is written once (50 ms).
+    pub record_linger: Duration,
     /// Task records' lifetime in KV (24 h).
     pub retention: Duration,
     /// Cancel requests remembered for tasks not pulled yet (100 000).
@@ -61,6 +64,7 @@ impl Default for JetStreamOptions {
             max_ack_pending: 10_000,
             idle_poll: Duration::from_millis(250),
             fetch_batch: 256,
+            record_linger: Duration::from_millis(50),
             retention: Duration::from_secs(24 * 3600),
             max_pending_cancels: 100_000,
         }

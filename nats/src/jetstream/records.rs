@@ -1,14 +1,20 @@
 //! The KV mirror of task records (bucket `dispatch_tasks`, key = task id,
 //! value = the record of PROTOCOL.md). Whichever node holds a task writes
-//! its record at every change of state, off the hot path: events go into a
-//! bounded buffer, and a writer applies them in batches, one KV update per
-//! task per batch, the tasks of a batch concurrently.
+//! its record, off the hot path: events go into a bounded buffer, and a
+//! writer folds them into one KV write per task.
+//!
+//! A change that ends a task is written at once. Any other (queued,
+//! running, retrying) waits up to `linger` for what follows, so a task that
+//! ends within it costs one write, not one per step: a short task's record
+//! goes from `queued` (or nothing, if it was published straight to the
+//! queue) to its end, and a long one's shows `running` at most `linger`
+//! after it started.
 //!
 //! Writes are fenced by revision: a node that lost a task to redelivery
 //! (its lease lapsed, another node runs a later attempt) finds a newer
 //! attempt in KV and discards its stale write, counted in `stale`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,12 +22,13 @@ use std::time::Duration;
 use async_nats::jetstream::kv::{self, UpdateErrorKind};
 use dispatcher_actors::{EventBody, EventSink, NodeEvent, TaskEvent, TaskRecord};
 use futures::future::join_all;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::cluster::HeldDeliveries;
 
-/// Events a batch takes at most.
+/// Operations the writer takes from its buffer at a time.
 const BATCH: usize = 512;
 /// Tries of one fenced update before giving up; failures other than a
 /// stale revision (the server is away) back off from 100 ms, doubling, so
@@ -55,15 +62,8 @@ enum Op {
     /// gateway of this node), or, without one, to create if absent (a task
     /// published straight to the queue has no record yet).
     Seed(Box<TaskRecord>, Option<u64>),
-}
-
-impl Op {
-    fn task_id(&self) -> &str {
-        match self {
-            Op::Event(e) => e.task_id.as_str(),
-            Op::Seed(r, _) => r.id.as_str(),
-        }
-    }
+    /// Write everything pending now, then say so.
+    Drain(oneshot::Sender<()>),
 }
 
 /// An [`EventSink`] that mirrors task events into KV records.
@@ -74,13 +74,30 @@ pub struct RecordMirror {
 }
 
 impl RecordMirror {
-    /// Starts the writer; `buffer` bounds the events waiting. A running
-    /// task's record names the ack subject of its delivery (from `held`),
-    /// so that a live node can give it back if this one dies.
-    pub fn start(records: kv::Store, buffer: usize, held: HeldDeliveries) -> Self {
+    /// Starts the writer; `buffer` bounds the events waiting, `linger` is
+    /// how long a change that does not end its task may wait for the next
+    /// one. A running task's record names the ack subject of its delivery
+    /// (from `held`), so that a live node can give it back if this one
+    /// dies.
+    pub fn start(
+        records: kv::Store,
+        buffer: usize,
+        linger: Duration,
+        held: HeldDeliveries,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let stats = Arc::new(MirrorStats::default());
-        tokio::spawn(write(records, rx, stats.clone(), held));
+        let writer = Writer {
+            records,
+            stats: stats.clone(),
+            held,
+            linger,
+            pending: HashMap::new(),
+            due: VecDeque::new(),
+            ready: Vec::new(),
+            cache: HashMap::new(),
+        };
+        tokio::spawn(writer.run(rx));
         Self { tx, stats }
     }
 
@@ -93,6 +110,15 @@ impl RecordMirror {
     /// already, or (without) to be created if absent. Saves a read.
     pub fn seed(&self, record: TaskRecord, revision: Option<u64>) {
         self.send(Op::Seed(Box::new(record), revision));
+    }
+
+    /// Waits until every change handed over before the call is written
+    /// (or given up on). Used at shutdown.
+    pub async fn drain(&self) {
+        let (done, drained) = oneshot::channel();
+        if self.tx.send(Op::Drain(done)).await.is_ok() {
+            let _ = drained.await;
+        }
     }
 
     fn send(&self, op: Op) {
@@ -124,70 +150,193 @@ impl EventSink for RecordMirror {
     fn node_event(&self, _event: &NodeEvent) {}
 }
 
-async fn write(
+/// A task's changes not written yet.
+#[derive(Default)]
+struct Pending {
+    /// The record to start from, from the latest seed.
+    seed: Option<(Box<TaskRecord>, Option<u64>)>,
+    /// Events to apply, in order.
+    events: Vec<TaskEvent>,
+}
+
+/// Folds changes into records and writes them.
+struct Writer {
     records: kv::Store,
-    mut rx: mpsc::Receiver<Op>,
     stats: Arc<MirrorStats>,
     held: HeldDeliveries,
-) {
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut cache: HashMap<String, Cached> = HashMap::new();
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let mut by_task: HashMap<String, Vec<Op>> = HashMap::new();
-        for op in batch.drain(..) {
-            by_task.entry(op.task_id().to_owned()).or_default().push(op);
+    linger: Duration,
+    /// Changes not written yet, by task.
+    pending: HashMap<String, Pending>,
+    /// When each pending task is due at the latest, oldest first (a task
+    /// written earlier, because it ended, leaves a stale entry here).
+    due: VecDeque<(Instant, String)>,
+    /// Tasks to write in the next round: they ended.
+    ready: Vec<String>,
+    /// Records of unfinished tasks as last written.
+    cache: HashMap<String, Cached>,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut ops = Vec::with_capacity(BATCH);
+        let mut drains = Vec::new();
+        let mut open = true;
+        loop {
+            if open && self.ready.is_empty() {
+                let next = self.due.front().map(|(at, _)| *at);
+                tokio::select! {
+                    n = rx.recv_many(&mut ops, BATCH) => open = n > 0,
+                    _ = sleep_until(next) => {}
+                }
+            }
+            // Whatever else waits, without waiting for more.
+            while open && ops.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            let now = Instant::now();
+            for op in ops.drain(..) {
+                match op {
+                    Op::Drain(done) => drains.push(done),
+                    op => self.fold(op, now),
+                }
+            }
+            let all = !drains.is_empty() || !open;
+            let round = self.take_round(now, all);
+            if !round.is_empty() {
+                self.write_round(round).await;
+            }
+            if all && self.pending.is_empty() {
+                for done in drains.drain(..) {
+                    let _ = done.send(());
+                }
+                if !open {
+                    return;
+                }
+            }
         }
-        if cache.len() > CACHE {
-            cache.clear();
+    }
+
+    fn fold(&mut self, op: Op, now: Instant) {
+        let (id, ends) = match &op {
+            Op::Event(e) => (
+                e.task_id.as_str(),
+                e.body.status().is_some_and(|s| s.is_final()),
+            ),
+            Op::Seed(r, _) => (r.id.as_str(), false),
+            Op::Drain(_) => return,
+        };
+        let pending = match self.pending.get_mut(id) {
+            Some(p) => p,
+            None => {
+                self.due.push_back((now + self.linger, id.to_owned()));
+                self.pending.entry(id.to_owned()).or_default()
+            }
+        };
+        if ends {
+            self.ready.push(id.to_owned());
         }
-        let written = join_all(by_task.into_iter().map(|(id, ops)| {
-            let ack = held.ack_of(&id);
-            let cached = cache.remove(&id);
-            async {
-                let (cached, events) = seed(&records, &id, ops, cached).await;
-                let kept = if events.is_empty() {
-                    cached
-                } else {
-                    apply(&records, &id, events, ack, cached, &stats).await
-                };
+        match op {
+            Op::Event(e) => pending.events.push(e),
+            Op::Seed(record, revision) => pending.seed = Some((record, revision)),
+            Op::Drain(_) => {}
+        }
+    }
+
+    /// The tasks to write now: those that ended, those due, and with
+    /// `all`, every one.
+    fn take_round(&mut self, now: Instant, all: bool) -> Vec<(String, Pending)> {
+        let mut round = Vec::new();
+        for id in std::mem::take(&mut self.ready) {
+            if let Some(p) = self.pending.remove(&id) {
+                round.push((id, p));
+            }
+        }
+        while let Some((at, _)) = self.due.front() {
+            if !all && *at > now {
+                break;
+            }
+            if let Some((_, id)) = self.due.pop_front() {
+                if let Some(p) = self.pending.remove(&id) {
+                    round.push((id, p));
+                }
+            }
+        }
+        round
+    }
+
+    /// Writes each task's changes, the tasks concurrently.
+    async fn write_round(&mut self, round: Vec<(String, Pending)>) {
+        if self.cache.len() > CACHE {
+            self.cache.clear();
+        }
+        let (records, stats) = (&self.records, &*self.stats);
+        let writes = round.into_iter().map(|(id, pending)| {
+            let ack = self.held.ack_of(&id);
+            let cached = self.cache.remove(&id);
+            async move {
+                let kept = write_one(records, &id, pending, ack, cached, stats).await;
                 (id, kept)
             }
-        }))
-        .await;
-        for (id, kept) in written {
+        });
+        for (id, kept) in join_all(writes).await {
             if let Some(kept) = kept {
-                cache.insert(id, kept);
+                self.cache.insert(id, kept);
             }
         }
     }
 }
 
-/// Takes the seeds among `ops` (creating records where asked); answers
-/// the record to start from and the events to apply.
-async fn seed(
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes one task's pending changes: from its seed if it has one (a
+/// record to create, with its events applied first, costs one write),
+/// else from the cached copy or the stored record.
+async fn write_one(
     records: &kv::Store,
     id: &str,
-    ops: Vec<Op>,
+    pending: Pending,
+    ack: Option<String>,
     mut cached: Option<Cached>,
-) -> (Option<Cached>, Vec<TaskEvent>) {
-    let mut events = Vec::new();
-    for op in ops {
-        match op {
-            Op::Event(e) => events.push(e),
-            Op::Seed(record, Some(revision)) => cached = Some((*record, revision)),
-            Op::Seed(record, None) => {
-                let Ok(value) = serde_json::to_vec(&*record) else {
-                    continue;
-                };
-                // Absent: this is the record; present (or the server away):
-                // read what is there when it is needed.
+    stats: &MirrorStats,
+) -> Option<Cached> {
+    let Pending { seed, events } = pending;
+    match seed {
+        Some((record, Some(revision))) => cached = Some((*record, revision)),
+        Some((mut record, None)) => {
+            for event in &events {
+                record.apply(event);
+                record.node = Some(event.node.clone());
+            }
+            let stored = Stored {
+                record: &record,
+                ack: ack.as_deref().filter(|_| !record.status.is_final()),
+            };
+            if let Ok(value) = serde_json::to_vec(&stored) {
+                // Absent: this is the record; present (another node made
+                // it, or the server was away): fold the events into what
+                // is there, fenced.
                 if let Ok(revision) = records.create(id, value.into()).await {
-                    cached = Some((*record, revision));
+                    stats.written.fetch_add(1, Ordering::Relaxed);
+                    return (!record.status.is_final()).then_some((*record, revision));
                 }
             }
         }
+        None => {}
     }
-    (cached, events)
+    if events.is_empty() {
+        return cached;
+    }
+    apply(records, id, events, ack, cached, stats).await
 }
 
 /// Applies `events` (in order) to the stored record of `id`, starting
