@@ -387,8 +387,10 @@ pub struct ServeConfig {
     /// Unacknowledged deliveries per consumer, over all nodes.
     #[arg(long, env = "DISPATCH_MAX_ACK_PENDING", default_value_t = 10_000)]
     pub max_ack_pending: i64,
-    /// How often an idle node looks for redelivered tasks.
-    #[arg(long, env = "DISPATCH_IDLE_POLL", default_value = "250ms", value_parser = parse_duration)]
+    /// How long a consumer's waiting pull lasts at the server before the
+    /// node renews it. The server pushes a task (new, or redelivered) to a
+    /// waiting pull at once; renewing only keeps the pull alive.
+    #[arg(long, env = "DISPATCH_IDLE_POLL", default_value = "5s", value_parser = parse_duration)]
     pub idle_poll: Duration,
     /// Most tasks one pull asks for.
     #[arg(long, env = "DISPATCH_FETCH_BATCH", default_value_t = 256)]

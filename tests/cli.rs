@@ -493,6 +493,8 @@ async fn a_killed_nodes_tasks_are_taken_over_long_before_ack_wait() {
             .unwrap();
         let e: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
         if e["node"] == "heir" {
+            // Each was delivered to the dead node once: this is attempt 2.
+            assert_eq!(e["attempt"], 2, "{e}");
             taken.insert(e["task_id"].as_str().unwrap().to_owned());
         }
     }

@@ -40,12 +40,18 @@ pub struct SubmitOptions {
     /// Emit the `accepted` event once queued (false when a gateway already
     /// emitted it for this task).
     pub emit_accepted: bool,
+    /// Queue delivered tasks even past the queue's capacity: the transport
+    /// bounds what it hands over itself (the JetStream puller may receive
+    /// one task more than there is room for from each consumer it waits
+    /// on), and a delivery handed back would count as an attempt.
+    pub past_capacity: bool,
 }
 
 impl Default for SubmitOptions {
     fn default() -> Self {
         Self {
             emit_accepted: true,
+            past_capacity: false,
         }
     }
 }
@@ -415,6 +421,7 @@ impl Dispatcher {
         let enqueue = supervisor::Enqueue {
             tasks: to_queue,
             emit_accepted: options.emit_accepted,
+            past_capacity: options.past_capacity,
         };
         let outcomes = match inner.supervisor.send(enqueue).await {
             Ok(o) => o,

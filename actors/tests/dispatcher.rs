@@ -871,6 +871,7 @@ async fn a_delivered_task_retries_through_its_transport_with_the_delivery_count(
         DeliveryHandle::new(second.clone()),
         SubmitOptions {
             emit_accepted: false,
+            ..SubmitOptions::default()
         },
     )
     .await

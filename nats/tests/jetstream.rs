@@ -80,7 +80,9 @@ async fn start_node(url: &str, prefix: &str, id: &str, setup: Setup) -> Node {
         shutdown_timeout: Duration::from_millis(300),
         ..NodeOptions::default()
     };
-    options.jetstream.idle_poll = Duration::from_millis(100);
+    // Waiting pulls outlive every test: nothing may depend on renewing
+    // them (new tasks and redeliveries are pushed to them).
+    options.jetstream.idle_poll = Duration::from_secs(3600);
     options.jetstream.record_linger = setup.record_linger;
     let nats = async_nats::connect(url).await.unwrap();
     Node::start(

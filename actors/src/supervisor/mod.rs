@@ -252,10 +252,16 @@ impl Supervisor {
         self.finish(task, task.attempt, body, Duration::ZERO, delivery);
     }
 
-    /// Queues a task new to this node, unless the queue is full.
-    fn push_new(&mut self, held: Held, emit_accepted: bool) -> Result<(), DispatchError> {
+    /// Queues a task new to this node, unless the queue is full (and the
+    /// task may not go past capacity).
+    fn push_new(
+        &mut self,
+        held: Held,
+        emit_accepted: bool,
+        past_capacity: bool,
+    ) -> Result<(), DispatchError> {
         let capacity = self.queue.capacity();
-        if self.queued() >= capacity {
+        if !past_capacity && self.queued() >= capacity {
             // A delivered task goes back to its transport at once, not
             // after the lease lapses.
             if let Some(d) = held.delivery {
@@ -271,6 +277,10 @@ impl Supervisor {
             self.emitter.task(&task.id, &task.kind, task.attempt, body);
         }
         let priority = task.priority;
+        if past_capacity {
+            self.queue.push_unbounded(priority, held);
+            return Ok(());
+        }
         self.queue
             .push(priority, held)
             .map_err(|crate::queue::Full(held)| {
@@ -351,6 +361,9 @@ pub struct Enqueue {
     pub tasks: Vec<Held>,
     /// Emit `accepted` for each task queued.
     pub emit_accepted: bool,
+    /// Queue delivered tasks even past capacity (see
+    /// [`SubmitOptions`](crate::SubmitOptions)).
+    pub past_capacity: bool,
 }
 
 impl Handler<Enqueue> for Supervisor {
@@ -379,7 +392,8 @@ impl Handler<Enqueue> for Supervisor {
                     },
                     None => None,
                 };
-                self.push_new(Held { task, delivery }, msg.emit_accepted)
+                let past_capacity = msg.past_capacity && delivery.is_some();
+                self.push_new(Held { task, delivery }, msg.emit_accepted, past_capacity)
             })
             .collect();
         self.pump(ctx);

@@ -4,8 +4,9 @@
 //!   the KV buckets at start-up.
 //! - [`store`]: the gateway's durable submit (KV create, then a JetStream
 //!   publish whose acknowledgement is awaited).
-//! - [`pull`]: durable pull consumers per (kind, priority), pulled highest
-//!   priority first and never past the local queue's room.
+//! - [`pull`]: durable pull consumers per (kind, priority): a waiting pull
+//!   on each, and no-wait pulls highest priority first, within the local
+//!   queue's room.
 //! - [`delivery`]: the actors' [`Delivery`](dispatcher_actors::Delivery) on a
 //!   JetStream message: in-progress, ack, nak with delay, term, dead letter.
 //! - [`records`]: the KV mirror of task records, fenced by revision.
@@ -40,8 +41,9 @@ pub struct JetStreamOptions {
     pub ack_wait: Duration,
     /// Unacknowledged deliveries per consumer across all nodes (10 000).
     pub max_ack_pending: i64,
-    /// How often an idle node looks for redelivered tasks (250 ms); new
-    /// tasks wake it at once.
+    /// How long a consumer's waiting pull lasts at the server before it is
+    /// renewed (5 s). The server pushes a task, new or redelivered, to a
+    /// waiting pull at once.
     pub idle_poll: Duration,
     /// Most messages one pull asks for (256).
     pub fetch_batch: usize,
@@ -62,7 +64,7 @@ impl Default for JetStreamOptions {
             duplicate_window: Duration::from_secs(120),
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 10_000,
-            idle_poll: Duration::from_millis(250),
+            idle_poll: Duration::from_secs(5),
             fetch_batch: 256,
             record_linger: Duration::from_millis(50),
             retention: Duration::from_secs(24 * 3600),

@@ -1,29 +1,39 @@
 //! The pull loop: one durable pull consumer per (kind, priority) this node
-//! serves, shared by every node that serves that kind. The loop pulls only
-//! as many tasks as the local queue has room for, always the highest
-//! priority first, so a `critical` task published behind a backlog of
-//! `low` ones starts next.
+//! serves, shared by every node that serves that kind.
 //!
-//! A pull is a request to the server, so the loop pulls only from the
-//! consumers that may have something: those whose subject saw a publish (a
-//! core subscription on `<p>.tasks.>` rings the bell), those whose last pull
-//! came back full, and, every `idle_poll`, all of them (redeliveries after
-//! a nak with delay or a lapsed lease ring no bell).
+//! Each consumer has one pull outstanding at a time. While it may have
+//! messages (a pull just brought some), that is a no-wait pull of as many
+//! as the local queue has room for, highest priority first, renewed while
+//! they come back full. Otherwise it is a *waiting pull* of one message,
+//! so that a task (new, or redelivered after a nak delay or a lapsed
+//! lease) is pushed to the node the moment the stream has it. Waiting
+//! pulls do not count against the room (a node holds at most its queue's
+//! capacity plus one task per consumer), and they stay out while the
+//! queue is full, so a `critical` task published behind a backlog of
+//! `low` ones is pushed as soon as there is room and starts next.
+//!
+//! Every pull is answered on one subscription of this node's, not a
+//! subscription per pull: tasks come with their consumer in their ack
+//! subject, statuses on `<inbox>.<consumer>.<pull>`. A waiting pull lasts
+//! `idle_poll`, then is renewed; pulls are sent anew at once when the
+//! connection to the server was made anew (the server forgets a
+//! connection's pulls when it goes).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::pull::BatchConfig;
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::Message;
+use async_nats::StatusCode;
 use dispatcher_actors::{
     DeliveryHandle, Dispatcher, ErrorCode, ErrorInfo, EventBody, Priority, Settlement,
     SubmitOptions, Task, TaskRecord, TaskStatus,
 };
-use futures::StreamExt;
-use tokio::sync::{watch, Notify};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::cancels::PendingCancels;
@@ -33,20 +43,39 @@ use super::{Durable, JetStreamOptions};
 use crate::codec::{Codec, Decoded, Limits};
 use crate::subjects::{Subjects, HEADER_ACCEPTED, HEADER_CONTENT_TYPE, HEADER_REPLAY};
 
-/// How long a pull after a bell waits for the message the bell announced.
-const BELL_WAIT: Duration = Duration::from_millis(20);
-
-/// How long a pull may go without an answer before it is given up.
+/// How long past its end a pull may go without an answer before it is
+/// taken for lost (a no-wait pull ends at once).
 const PULL_STALL: Duration = Duration::from_secs(5);
 
-/// One consumer and whether it may have messages.
+/// How often the loop looks for lost pulls and a new connection.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Messages handed to the actors at once, at most.
+const HAND_OVER: usize = 512;
+
+/// How long shutdown waits for answers to pulls already sent.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// One consumer, and what the loop asked of it.
 struct Source {
     consumer: PullConsumer,
-    maybe: Arc<AtomicBool>,
-    /// Rung by the bell, but the last pull came back empty.
-    recheck: AtomicBool,
-    /// The bell rang for it (as opposed to the idle poll).
-    rung: Arc<AtomicBool>,
+    /// The pull outstanding, if any.
+    open: Option<Pull>,
+    /// It may have more messages: the last pull brought some (all it
+    /// asked for, if it was a no-wait pull).
+    more: bool,
+    /// Not pulled until the next check (the server refused a pull).
+    paused: bool,
+}
+
+/// A pull the server has not finished answering.
+struct Pull {
+    id: u64,
+    asked: usize,
+    got: usize,
+    waiting: bool,
+    /// Taken for lost if still open then.
+    deadline: Instant,
 }
 
 /// Why the consumers could not be made.
@@ -54,8 +83,8 @@ struct Source {
 #[error("{0}")]
 pub struct PullError(pub String);
 
-/// Creates (or finds) the consumers and starts the loop; abort the handle
-/// to stop pulling.
+/// Creates (or finds) the consumers and starts the loop; stop it with
+/// [`Pulling::stop`].
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     client: async_nats::Client,
@@ -68,12 +97,9 @@ pub async fn start(
     cancels: PendingCancels,
     mirror: RecordMirror,
 ) -> Result<Pulling, PullError> {
-    let mut levels: Vec<Vec<Source>> = Vec::new();
-    // Queue subject → (may have messages, the bell rang for it).
-    type Flags = (Arc<AtomicBool>, Arc<AtomicBool>);
-    let mut by_subject: HashMap<String, Flags> = HashMap::new();
+    let mut sources = Vec::new();
+    let mut by_name = HashMap::new();
     for priority in Priority::ALL {
-        let mut level = Vec::new();
         for kind in dispatcher.kinds() {
             let name = subjects.consumer(&kind, priority);
             let filter = subjects.task(&kind, priority);
@@ -107,76 +133,56 @@ pub async fn start(
                     durable.tasks.cached_info().config.name
                 )));
             }
-            let maybe = Arc::new(AtomicBool::new(true));
-
-            let rung = Arc::new(AtomicBool::new(false));
-            by_subject.insert(filter, (maybe.clone(), rung.clone()));
-            level.push(Source {
+            by_name.insert(name, sources.len());
+            sources.push(Source {
                 consumer,
-                maybe,
-                recheck: AtomicBool::new(false),
-                rung,
+                open: None,
+                more: true,
+                paused: false,
             });
         }
-        levels.push(level);
     }
-
-    let bell = Arc::new(Notify::new());
-    let mut doorbell = client
-        .subscribe(subjects.tasks_all())
+    let inbox = client.new_inbox();
+    let answers = client
+        .subscribe(format!("{inbox}.>"))
         .await
-        .map_err(|e| PullError(format!("subscribing to {}: {e}", subjects.tasks_all())))?;
-    let ring = bell.clone();
-    let ringer = tokio::spawn(async move {
-        while let Some(msg) = doorbell.next().await {
-            if let Some((maybe, rung)) = by_subject.get(msg.subject.as_str()) {
-                rung.store(true, Ordering::Relaxed);
-                maybe.store(true, Ordering::Relaxed);
-                ring.notify_one();
-            }
-        }
-    });
-
+        .map_err(|e| PullError(format!("subscribing to pull answers: {e}")))?;
     let puller = Puller {
         mirror,
         leases: subjects.leases(dispatcher.node().as_str()),
-        client: client.clone(),
+        js: durable.js.clone(),
+        client,
         subjects,
         dispatcher,
         limits,
         ctx,
         cancels,
         fetch_batch: options.fetch_batch.max(1),
+        wait: options.idle_poll.max(Duration::from_millis(10)),
+        inbox,
+        sources,
+        by_name,
+        next_pull: 0,
     };
-    let idle_poll = options.idle_poll;
     let (stop, stopped) = watch::channel(false);
-    let looping = tokio::spawn(async move { puller.run(levels, bell, idle_poll, stopped).await });
-    Ok(Pulling {
-        stop,
-        looping,
-        ringer,
-    })
+    let looping = tokio::spawn(puller.run(answers, stopped));
+    Ok(Pulling { stop, looping })
 }
 
 /// The running pull loop.
 pub struct Pulling {
     stop: watch::Sender<bool>,
     looping: JoinHandle<()>,
-    ringer: JoinHandle<()>,
 }
 
 impl Pulling {
-    /// Stops pulling once the pull under way (if any) has handed its
-    /// messages to the actors: a pull cut short would leave what it
-    /// fetched unacknowledged until the ack wait runs out.
+    /// Stops pulling: no new pulls go out, and what the pulls already sent
+    /// still bring is handed to the actors (to be handed back at
+    /// shutdown), not left unacknowledged until the ack wait runs out.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        self.ringer.abort();
         let mut looping = self.looping;
-        if tokio::time::timeout(PULL_STALL * 2, &mut looping)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(DRAIN * 2, &mut looping).await.is_err() {
             looping.abort();
         }
     }
@@ -184,6 +190,7 @@ impl Pulling {
 
 struct Puller {
     mirror: RecordMirror,
+    js: async_nats::jetstream::Context,
     client: async_nats::Client,
     leases: String,
     subjects: Subjects,
@@ -192,154 +199,228 @@ struct Puller {
     ctx: DeliveryContext,
     cancels: PendingCancels,
     fetch_batch: usize,
+    /// How long a waiting pull lasts.
+    wait: Duration,
+    inbox: String,
+    /// Highest priority first.
+    sources: Vec<Source>,
+    /// Consumer name → place in `sources`.
+    by_name: HashMap<String, usize>,
+    next_pull: u64,
 }
 
 impl Puller {
     async fn run(
-        self,
-        levels: Vec<Vec<Source>>,
-        bell: Arc<Notify>,
-        idle_poll: Duration,
+        mut self,
+        mut answers: async_nats::Subscriber,
         mut stopped: watch::Receiver<bool>,
     ) {
         let mut room = self.dispatcher.room();
-        let mut poll = tokio::time::interval(idle_poll);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut empty_rounds = 0u32;
+        let mut check = tokio::time::interval(CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stats = self.client.statistics();
+        let mut connects = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+        let mut arrived = Vec::new();
         loop {
-            if *stopped.borrow() {
-                return;
-            }
             let free = *room.borrow_and_update();
-            if free == 0 {
-                tokio::select! {
-                    changed = room.changed() => if changed.is_err() { return },
-                    _ = stopped.changed() => return,
-                }
-                continue;
-            }
-            let pulled = self.round(&levels, free).await;
-            if pulled > 0 {
-                empty_rounds = 0;
-                continue;
-            }
-            if levels
-                .iter()
-                .flatten()
-                .any(|s| s.maybe.load(Ordering::Relaxed))
-            {
-                // A bell rang during the round.
-                continue;
-            }
-            // A bell may ring before the stream has stored its message: a
-            // consumer rung for that came back empty is looked at again
-            // shortly, a few times, before the loop waits.
-            let empty: Vec<&Source> = levels
-                .iter()
-                .flatten()
-                .filter(|s| s.recheck.swap(false, Ordering::Relaxed))
-                .collect();
-            if !empty.is_empty() && empty_rounds < 2 {
-                // Wait briefly for the message the bell announced: a pull
-                // of one that returns as soon as the stream has it.
-                empty_rounds += 1;
-                for source in empty {
-                    self.pull(source, 1, Some(BELL_WAIT)).await;
-                    source.maybe.store(true, Ordering::Relaxed);
-                }
-                continue;
-            }
-            empty_rounds = 0;
+            self.plan(free).await;
             tokio::select! {
-                _ = stopped.changed() => return,
-                _ = bell.notified() => {}
-                _ = poll.tick() => {
-                    for s in levels.iter().flatten() {
-                        s.maybe.store(true, Ordering::Relaxed);
+                biased;
+                _ = stopped.changed() => break,
+                msg = answers.next() => {
+                    let Some(msg) = msg else { return };
+                    self.answer(msg, &mut arrived);
+                    while arrived.len() < HAND_OVER {
+                        match answers.next().now_or_never() {
+                            Some(Some(msg)) => self.answer(msg, &mut arrived),
+                            _ => break,
+                        }
+                    }
+                    self.hand_over(std::mem::take(&mut arrived)).await;
+                }
+                changed = room.changed() => if changed.is_err() { return },
+                _ = check.tick() => {
+                    let now = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+                    self.forget_lost(now != connects);
+                    connects = now;
+                }
+            }
+        }
+        // Stopped: no new pulls; take what those sent still bring.
+        if let Err(e) = answers.drain().await {
+            debug!(error = %e, "Pull answers not drained.");
+        }
+        let deadline = Instant::now() + DRAIN;
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, answers.next()).await {
+            self.answer(msg, &mut arrived);
+            if arrived.len() >= HAND_OVER {
+                self.hand_over(std::mem::take(&mut arrived)).await;
+            }
+        }
+        self.hand_over(arrived).await;
+        // The server still holds this node's waiting pulls, and a task
+        // nak'ed at shutdown that it tries on one of them first comes back
+        // with its delivery count unchanged (as if the attempt had not
+        // been). It drops pulls nobody listens to when it counts them:
+        // asking each consumer's info makes it do so now.
+        for source in &mut self.sources {
+            if let Err(e) = source.consumer.info().await {
+                debug!(error = %e, "Consumer info not read at stop.");
+            }
+        }
+    }
+
+    /// Sends a pull to each consumer with none outstanding, highest
+    /// priority first, if the queue has any `room`: a no-wait pull for as
+    /// many as fit (room less what no-wait pulls already asked for) to one
+    /// that may have more, none if nothing fits, a waiting pull of one to
+    /// the others.
+    async fn plan(&mut self, room: usize) {
+        if room == 0 {
+            return;
+        }
+        let reserved: usize = self
+            .sources
+            .iter()
+            .filter_map(|s| s.open.as_ref())
+            .filter(|p| !p.waiting)
+            .map(|p| p.asked - p.got)
+            .sum();
+        let mut free = room.saturating_sub(reserved);
+        for source in 0..self.sources.len() {
+            let s = &self.sources[source];
+            if s.open.is_some() || s.paused {
+                continue;
+            }
+            if s.more {
+                if free == 0 {
+                    // Taken when there is room again.
+                    continue;
+                }
+                let want = free.min(self.fetch_batch);
+                if self.pull(source, want, false).await {
+                    free -= want;
+                }
+            } else {
+                self.pull(source, 1, true).await;
+            }
+        }
+    }
+
+    /// Sends one pull; false if it could not be sent (the loop tries
+    /// again after its next check).
+    async fn pull(&mut self, source: usize, batch: usize, waiting: bool) -> bool {
+        let id = self.next_pull;
+        self.next_pull += 1;
+        let config = BatchConfig {
+            batch,
+            expires: waiting.then_some(self.wait),
+            no_wait: !waiting,
+            ..Default::default()
+        };
+        let reply = format!("{}.{source}.{id}", self.inbox);
+        let sent = self.sources[source]
+            .consumer
+            .request_batch(config, reply.into())
+            .await;
+        if let Err(e) = sent {
+            warn!(error = %e, "Pull not sent.");
+            return false;
+        }
+        let lasts = if waiting { self.wait } else { Duration::ZERO };
+        let s = &mut self.sources[source];
+        s.more = false;
+        s.open = Some(Pull {
+            id,
+            asked: batch,
+            got: 0,
+            waiting,
+            deadline: Instant::now() + lasts + PULL_STALL,
+        });
+        true
+    }
+
+    /// Takes one message from the answers subscription: a delivered task
+    /// (into `arrived`), or a status that ends a pull.
+    fn answer(&mut self, msg: async_nats::Message, arrived: &mut Vec<Message>) {
+        let status = msg.status.unwrap_or(StatusCode::OK);
+        if status == StatusCode::OK {
+            let msg = Message {
+                message: msg,
+                context: self.js.clone(),
+            };
+            let source = msg
+                .info()
+                .ok()
+                .and_then(|info| self.by_name.get(info.consumer).copied());
+            arrived.push(msg);
+            // A task of a pull given up on is handed over all the same.
+            if let Some(source) = source {
+                let s = &mut self.sources[source];
+                if let Some(open) = s.open.as_mut() {
+                    open.got += 1;
+                    if open.got >= open.asked {
+                        s.more = true;
+                        s.open = None;
                     }
                 }
             }
+            return;
+        }
+        if status == StatusCode::IDLE_HEARTBEAT {
+            return;
+        }
+        let refused = status != StatusCode::TIMEOUT && status != StatusCode::NOT_FOUND;
+        if refused {
+            debug!(status = %status, description = ?msg.description, "Pull ended by the server.");
+        }
+        // `<inbox>.<source>.<pull>`
+        let mut tokens = msg.subject.as_str().rsplit('.');
+        let id = tokens.next().and_then(|t| t.parse::<u64>().ok());
+        let source = tokens.next().and_then(|t| t.parse::<usize>().ok());
+        if let (Some(id), Some(s)) = (id, source.and_then(|i| self.sources.get_mut(i))) {
+            if s.open.as_ref().is_some_and(|p| p.id == id) {
+                // Fewer than asked (a waiting pull that brought its task
+                // ends without a status): nothing more for now.
+                s.open = None;
+                s.more = false;
+                if refused {
+                    // Not asked again before the next check, so that a
+                    // server that keeps refusing is not asked in a loop.
+                    s.paused = true;
+                }
+            }
         }
     }
 
-    /// Pulls from the consumers that may have messages, highest priority
-    /// first, up to `free` tasks. Returns how many it pulled.
-    async fn round(&self, levels: &[Vec<Source>], mut free: usize) -> usize {
-        let mut pulled = 0;
-        for level in levels {
-            for source in level {
-                if free == 0 {
-                    return pulled;
-                }
-                if !source.maybe.swap(false, Ordering::Relaxed) {
-                    continue;
-                }
-                let rung = source.rung.swap(false, Ordering::Relaxed);
-                let want = free.min(self.fetch_batch);
-                let got = self.pull(source, want, None).await;
-                if got == want {
-                    // Full: there is likely more.
-                    source.maybe.store(true, Ordering::Relaxed);
-                }
-                if got == 0 && rung {
-                    source.recheck.store(true, Ordering::Relaxed);
-                }
-                pulled += got;
-                free = free.saturating_sub(got);
+    /// Gives up on pulls the server should have answered by now (every
+    /// pull, if the connection was made anew: the server forgot them).
+    fn forget_lost(&mut self, reconnected: bool) {
+        let now = Instant::now();
+        let mut lost = 0;
+        for s in &mut self.sources {
+            s.paused = false;
+            if s.open
+                .as_ref()
+                .is_some_and(|p| reconnected || p.deadline <= now)
+            {
+                s.open = None;
+                s.more = true;
+                lost += 1;
             }
         }
-        pulled
+        if lost > 0 && !reconnected {
+            warn!(pulls = lost, "Pulls got no answer; pulling anew.");
+        }
     }
 
-    /// Pulls up to `want` messages from `source` and hands them to the
-    /// actors; answers how many. Without `wait`, a no-wait pull; with it,
-    /// the pull waits that long for the first message.
-    async fn pull(&self, source: &Source, want: usize, wait: Option<Duration>) -> usize {
-        let batch = match wait {
-            None => source.consumer.fetch().max_messages(want).messages().await,
-            Some(wait) => {
-                source
-                    .consumer
-                    .batch()
-                    .max_messages(want)
-                    .expires(wait)
-                    .messages()
-                    .await
-            }
-        };
-        let mut batch = match batch {
-            Ok(batch) => batch,
-            Err(e) => {
-                warn!(error = %e, "Pull failed.");
-                source.maybe.store(true, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                return 0;
-            }
-        };
-        let mut messages = Vec::with_capacity(want);
-        loop {
-            // A pull request lost in a reconnect is never answered: give
-            // up on it rather than wait for ever (what it may still
-            // deliver comes back after the ack wait).
-            let next = tokio::time::timeout(PULL_STALL, batch.next()).await;
-            match next {
-                Ok(Some(Ok(msg))) => messages.push(msg),
-                Ok(Some(Err(e))) => {
-                    debug!(error = %e, "Pull ended early.");
-                    break;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    warn!("A pull got no answer; pulling anew.");
-                    source.maybe.store(true, Ordering::Relaxed);
-                    break;
-                }
-            }
+    /// Hands delivered messages to the actors, in two batches (whether the
+    /// node or the gateway emitted `accepted`), not one by one.
+    async fn hand_over(&self, messages: Vec<Message>) {
+        if messages.is_empty() {
+            return;
         }
-        let got = messages.len();
         self.announce_leases(&messages).await;
-        // Handed to the actors in two batches (whether the node or the
-        // gateway emitted `accepted`), not one by one.
         let (mut fresh, mut known) = (Vec::new(), Vec::new());
         for msg in messages {
             if let Some((task, handle, emit)) = self.take(msg).await {
@@ -354,17 +435,16 @@ impl Puller {
             if batch.is_empty() {
                 continue;
             }
-            for r in self
-                .dispatcher
-                .submit_delivered_batch(batch, SubmitOptions { emit_accepted })
-                .await
-            {
+            let options = SubmitOptions {
+                emit_accepted,
+                past_capacity: true,
+            };
+            for r in self.dispatcher.submit_delivered_batch(batch, options).await {
                 if let Err(e) = r {
                     debug!(error = %e, "Delivered task not queued.");
                 }
             }
         }
-        got
     }
 
     /// Tells the other nodes, before any of them runs, which deliveries
