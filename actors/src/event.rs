@@ -230,8 +230,8 @@ impl EventBody {
 }
 
 /// Something that happened to a task.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(into = "WireEvent", try_from = "WireEvent")]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "WireEvent")]
 pub struct TaskEvent {
     /// The task.
     pub task_id: TaskId,
@@ -277,47 +277,54 @@ impl TaskEvent {
     }
 }
 
-/// The flat JSON shape of a task event on the wire.
-#[derive(Serialize, Deserialize)]
-struct WireEvent {
-    event: TaskEventName,
-    task_id: TaskId,
-    kind: TaskKind,
-    status: Option<TaskStatus>,
-    attempt: u32,
-    node: NodeId,
-    ts: Timestamp,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    priority: Option<Priority>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<ErrorInfo>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    worker: Option<u8>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    progress: Option<u8>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    message: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    retry_in_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    result: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    duration_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    timeout_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    reason: Option<String>,
+impl Serialize for TaskEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        WireEventRef::from(self).serialize(serializer)
+    }
 }
 
-impl From<TaskEvent> for WireEvent {
-    fn from(e: TaskEvent) -> Self {
-        let mut w = WireEvent {
+/// [`WireEvent`] borrowed from a [`TaskEvent`]: an event is serialised
+/// without a copy of its result or strings.
+#[derive(Serialize)]
+struct WireEventRef<'a> {
+    event: TaskEventName,
+    task_id: &'a TaskId,
+    kind: &'a TaskKind,
+    status: Option<TaskStatus>,
+    attempt: u32,
+    node: &'a NodeId,
+    ts: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<Priority>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a ErrorInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    progress: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_in_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+impl<'a> From<&'a TaskEvent> for WireEventRef<'a> {
+    fn from(e: &'a TaskEvent) -> Self {
+        let mut w = WireEventRef {
             event: e.body.name(),
             status: e.body.status(),
-            task_id: e.task_id,
-            kind: e.kind,
+            task_id: &e.task_id,
+            kind: &e.kind,
             attempt: e.attempt,
-            node: e.node,
+            node: &e.node,
             ts: e.ts,
             priority: None,
             error: None,
@@ -330,34 +337,65 @@ impl From<TaskEvent> for WireEvent {
             timeout_ms: None,
             reason: None,
         };
-        match e.body {
-            EventBody::Accepted { priority } => w.priority = Some(priority),
+        match &e.body {
+            EventBody::Accepted { priority } => w.priority = Some(*priority),
             EventBody::Rejected { error } => w.error = Some(error),
-            EventBody::Started { worker } => w.worker = Some(worker),
+            EventBody::Started { worker } => w.worker = Some(*worker),
             EventBody::Progress { progress, message } => {
-                w.progress = Some(progress);
+                w.progress = Some(*progress);
                 w.message = Some(message);
             }
             EventBody::Retrying { error, retry_in_ms } => {
                 w.error = Some(error);
-                w.retry_in_ms = Some(retry_in_ms);
+                w.retry_in_ms = Some(*retry_in_ms);
             }
             EventBody::Completed {
                 result,
                 duration_ms,
             } => {
                 w.result = Some(result);
-                w.duration_ms = Some(duration_ms);
+                w.duration_ms = Some(*duration_ms);
             }
             EventBody::Failed { error, duration_ms } => {
                 w.error = Some(error);
-                w.duration_ms = Some(duration_ms);
+                w.duration_ms = Some(*duration_ms);
             }
-            EventBody::TimedOut { timeout_ms } => w.timeout_ms = Some(timeout_ms),
+            EventBody::TimedOut { timeout_ms } => w.timeout_ms = Some(*timeout_ms),
             EventBody::Cancelled { reason } => w.reason = Some(reason),
         }
         w
     }
+}
+
+/// The flat JSON shape of a task event on the wire, as read.
+#[derive(Deserialize)]
+struct WireEvent {
+    event: TaskEventName,
+    task_id: TaskId,
+    kind: TaskKind,
+    attempt: u32,
+    node: NodeId,
+    ts: Timestamp,
+    #[serde(default)]
+    priority: Option<Priority>,
+    #[serde(default)]
+    error: Option<ErrorInfo>,
+    #[serde(default)]
+    worker: Option<u8>,
+    #[serde(default)]
+    progress: Option<u8>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    retry_in_ms: Option<u64>,
+    #[serde(default)]
+    result: Option<Value>,
+    #[serde(default)]
+    duration_ms: Option<u64>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 impl TryFrom<WireEvent> for TaskEvent {
@@ -475,7 +513,7 @@ pub struct WorkerInfo {
     /// What it is doing.
     pub state: WorkerState,
     /// The task it runs, if busy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub task_id: Option<TaskId>,
     /// Restarts of this slot so far.
     pub restarts: u32,

@@ -45,8 +45,40 @@ impl Timestamp {
     }
 }
 
+impl Timestamp {
+    /// The text form, written by hand (every event and record carries one
+    /// or more), for years 0 to 9999.
+    fn text(&self) -> Option<[u8; 24]> {
+        let (year, month, day) = self.0.to_calendar_date();
+        if !(0..=9999).contains(&year) {
+            return None;
+        }
+        let (hour, minute, second, milli) = self.0.to_hms_milli();
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, value: u32, digits: usize| {
+            let mut v = value;
+            for i in (0..digits).rev() {
+                out[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, year as u32, 4);
+        put(5, u32::from(u8::from(month)), 2);
+        put(8, u32::from(day), 2);
+        put(11, u32::from(hour), 2);
+        put(14, u32::from(minute), 2);
+        put(17, u32::from(second), 2);
+        put(20, u32::from(milli), 3);
+        Some(out)
+    }
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(text) = self.text() {
+            // Only ASCII digits and separators.
+            return f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?);
+        }
         let format = format_description!(
             "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
         );
@@ -59,7 +91,13 @@ impl fmt::Display for Timestamp {
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        match self.text() {
+            Some(text) => match std::str::from_utf8(&text) {
+                Ok(text) => serializer.serialize_str(text),
+                Err(_) => serializer.collect_str(self),
+            },
+            None => serializer.collect_str(self),
+        }
     }
 }
 
@@ -73,6 +111,26 @@ impl<'de> Deserialize<'de> for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_like_the_general_formatter() {
+        let format = format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        for text in [
+            "1970-01-01T00:00:00.000Z",
+            "2026-12-02T09:05:07.008Z",
+            "2024-02-29T23:59:59.999Z",
+            "0001-01-01T00:00:00.001Z",
+            "9999-12-31T23:59:59.990Z",
+        ] {
+            let t = Timestamp::parse(text).unwrap();
+            assert_eq!(t.to_string(), text);
+            assert_eq!(t.to_string(), t.0.format(&format).unwrap());
+        }
+        let now = Timestamp::now();
+        assert_eq!(now.to_string(), now.0.format(&format).unwrap());
+    }
 
     #[test]
     fn formats_with_milliseconds_in_utc() {
