@@ -150,6 +150,18 @@ fn decode_json(body: &[u8], limits: &Limits) -> Result<Decoded, CodecError> {
     if nesting_depth(text) > limits.max_depth {
         return Err(CodecError::TooDeep(limits.max_depth));
     }
+    if text.trim_start().starts_with('{') {
+        // One task, the common case: read straight into the spec. Any
+        // error is found again below, on the way through a JSON value, so
+        // that bad input gets the same answer either way (a syntax error
+        // after a wrongly typed field is still `invalid_json`).
+        let mut de = serde_json::Deserializer::from_str(text);
+        if let Ok(spec) = TaskSpec::deserialize(&mut de) {
+            if de.end().is_ok() {
+                return Ok(Decoded::One(Box::new(spec)));
+            }
+        }
+    }
     let value: serde_json::Value = serde_json::from_str(text).map_err(CodecError::Json)?;
     match value {
         serde_json::Value::Object(_) => spec_from_value(value).map(|s| Decoded::One(Box::new(s))),
