@@ -345,6 +345,13 @@ mod tests {
     }
 
     #[test]
+    fn a_duplicate_field_takes_its_last_value() {
+        let s = one(br#"{"id": "first", "payload": 1, "id": "last"}"#);
+        assert_eq!(s.id.as_deref(), Some("last"));
+        assert_eq!(s.payload, json!(1));
+    }
+
+    #[test]
     fn every_bad_body_gets_its_code() {
         let cases: Vec<(&[u8], ErrorCode, Option<&str>)> = vec![
             (b"{not json", ErrorCode::InvalidJson, None),
@@ -366,6 +373,9 @@ mod tests {
                 Some("backoff.multiplier"),
             ),
             (b"{\"id\": \"\xff\"}", ErrorCode::InvalidJson, None),
+            // A syntax error after a wrongly typed field: the syntax wins.
+            (br#"{"priority": 5, oops"#, ErrorCode::InvalidJson, None),
+            (br#"{"id": "a"} trailing"#, ErrorCode::InvalidJson, None),
         ];
         for (body, code, field) in cases {
             let err = decode(body).unwrap_err();
