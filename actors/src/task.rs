@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -43,16 +44,18 @@ pub fn is_token(s: &str, max: usize) -> bool {
 macro_rules! token_newtype {
     ($(#[$meta:meta])* $name:ident, $max:expr, $what:literal) => {
         $(#[$meta])*
-        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(String);
+        ///
+        /// Shared text: a clone (every event, record and message carries
+        /// one) copies a pointer, not the string.
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Checks `s` against `[A-Za-z0-9_-]+` and the length limit.
             pub fn new(s: impl Into<String>) -> Result<Self, ErrorInfo> {
                 let s = s.into();
                 if is_token(&s, $max) {
-                    Ok(Self(s))
+                    Ok(Self(Arc::from(s)))
                 } else {
                     Err(ErrorInfo::field(
                         ErrorCode::InvalidField,
@@ -83,6 +86,18 @@ macro_rules! token_newtype {
                 &self.0
             }
         }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                String::deserialize(deserializer).map(|s| Self(Arc::from(s)))
+            }
+        }
     };
 }
 
@@ -108,7 +123,7 @@ token_newtype!(
 impl TaskId {
     /// A fresh, time-ordered id (UUIDv7).
     pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().to_string())
+        Self(Arc::from(uuid::Uuid::now_v7().to_string()))
     }
 }
 
@@ -116,7 +131,7 @@ impl TaskKind {
     /// The stand-in kind (`_`) used in `rejected` events when no valid kind
     /// could be read.
     pub fn unknown() -> Self {
-        Self("_".to_owned())
+        Self(Arc::from("_"))
     }
 }
 
@@ -124,7 +139,7 @@ impl TaskId {
     /// The stand-in id (`_`) used in `rejected` events when no valid id
     /// could be read.
     pub fn unknown() -> Self {
-        Self("_".to_owned())
+        Self(Arc::from("_"))
     }
 }
 
