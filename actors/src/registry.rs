@@ -16,7 +16,7 @@ use crate::task::TaskId;
 
 /// Keeps task records and the error list, bounded by age and count.
 pub struct Registry {
-    records: HashMap<TaskId, TaskRecord>,
+    records: HashMap<TaskId, Kept>,
     /// Finished tasks, oldest first, with when they finished.
     finished: VecDeque<(TaskId, Instant)>,
     errors: VecDeque<ErrorEntry>,
@@ -24,6 +24,50 @@ pub struct Registry {
     cleanup_interval: Duration,
     max_records: usize,
     error_capacity: usize,
+}
+
+/// A record as the Registry keeps it: boxed, so that the table moves a
+/// pointer per record when it grows, and with a finished task's result as
+/// its JSON text (a small object as a `Value` tree takes several times the
+/// room of its text). Answers rebuild the record whole.
+#[derive(Debug)]
+struct Kept {
+    record: Box<TaskRecord>,
+    result: Option<Box<str>>,
+}
+
+impl Kept {
+    fn new(record: TaskRecord) -> Self {
+        Self {
+            record: Box::new(record),
+            result: None,
+        }
+    }
+
+    /// The record, result included.
+    fn to_record(&self) -> TaskRecord {
+        let mut record = (*self.record).clone();
+        if let Some(text) = &self.result {
+            record.result = serde_json::from_str(text).ok();
+        }
+        record
+    }
+
+    /// Folds `event` in; answers whether the task has just finished.
+    fn apply(&mut self, event: &TaskEvent) -> bool {
+        let was_final = self.record.status.is_final();
+        self.record.apply(event);
+        let finished = !was_final && self.record.status.is_final();
+        if finished {
+            if let Some(result) = self.record.result.take() {
+                match serde_json::to_string(&result) {
+                    Ok(text) => self.result = Some(text.into_boxed_str()),
+                    Err(_) => self.record.result = Some(result),
+                }
+            }
+        }
+        finished
+    }
 }
 
 impl Registry {
@@ -108,11 +152,13 @@ impl Handler<Admit> for Registry {
             .into_iter()
             .map(|(record, delivered)| match self.records.get(&record.id) {
                 None => {
-                    self.records.insert(record.id.clone(), record);
+                    self.records.insert(record.id.clone(), Kept::new(record));
                     Admission::New
                 }
                 Some(_) if !delivered => Admission::Duplicate,
-                Some(known) if known.status.is_final() => Admission::Finished(known.status),
+                Some(known) if known.record.status.is_final() => {
+                    Admission::Finished(known.record.status)
+                }
                 Some(_) => Admission::Again,
             })
             .collect();
@@ -157,7 +203,7 @@ impl Handler<ForgetFinished> for Registry {
         if self
             .records
             .get(&msg.0)
-            .is_some_and(|r| r.status.is_final())
+            .is_some_and(|k| k.record.status.is_final())
         {
             self.records.remove(&msg.0);
         }
@@ -192,12 +238,10 @@ impl Handler<RecordEvent> for Registry {
                 ts: event.ts,
             });
         }
-        let Some(record) = self.records.get_mut(&event.task_id) else {
+        let Some(kept) = self.records.get_mut(&event.task_id) else {
             return;
         };
-        let was_final = record.status.is_final();
-        record.apply(&event);
-        if !was_final && record.status.is_final() {
+        if kept.apply(&event) {
             self.finished
                 .push_back((event.task_id.clone(), Instant::now()));
         }
@@ -216,7 +260,7 @@ impl Handler<GetTask> for Registry {
     type Result = Option<TaskRecord>;
 
     fn handle(&mut self, msg: GetTask, _ctx: &mut Context<Self>) -> Self::Result {
-        self.records.get(&msg.id).cloned()
+        self.records.get(&msg.id).map(Kept::to_record)
     }
 }
 
@@ -233,18 +277,25 @@ impl Handler<ListTasks> for Registry {
 
     fn handle(&mut self, msg: ListTasks, _ctx: &mut Context<Self>) -> Self::Result {
         let f = &msg.filter;
-        let mut matching: Vec<&TaskRecord> = self
+        let mut matching: Vec<&Kept> = self
             .records
             .values()
-            .filter(|r| f.status.is_none_or(|s| r.status == s))
-            .filter(|r| f.kind.as_ref().is_none_or(|k| &r.kind == k))
+            .filter(|k| f.status.is_none_or(|s| k.record.status == s))
+            .filter(|k| f.kind.as_ref().is_none_or(|kind| &k.record.kind == kind))
             .collect();
         matching.sort_unstable_by(|a, b| {
-            b.created_at
-                .cmp(&a.created_at)
-                .then_with(|| b.id.cmp(&a.id))
+            b.record
+                .created_at
+                .cmp(&a.record.created_at)
+                .then_with(|| b.record.id.cmp(&a.record.id))
         });
-        MessageResult(matching.into_iter().take(f.limit).cloned().collect())
+        MessageResult(
+            matching
+                .into_iter()
+                .take(f.limit)
+                .map(Kept::to_record)
+                .collect(),
+        )
     }
 }
 
@@ -329,7 +380,7 @@ mod tests {
         reg.do_send(RecordEvent(event(
             "a",
             EventBody::Completed {
-                result: json!(7),
+                result: json!({"x": [1, "two", null], "y": 7.5}),
                 duration_ms: 3,
             },
         )));
@@ -342,7 +393,19 @@ mod tests {
             .unwrap();
         assert_eq!(a.status, TaskStatus::Completed);
         assert_eq!(a.worker, Some(2));
-        assert_eq!(a.result, Some(json!(7)));
+        // Kept as text, answered as the same value, by status and by list.
+        assert_eq!(a.result, Some(json!({"x": [1, "two", null], "y": 7.5})));
+        let listed = reg
+            .send(ListTasks {
+                filter: ListFilter {
+                    status: Some(TaskStatus::Completed),
+                    ..ListFilter::default()
+                },
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].result, a.result);
         assert!(a.started_at.is_some() && a.finished_at.is_some());
         let redelivered = reg
             .send(Admit {
