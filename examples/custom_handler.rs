@@ -8,7 +8,10 @@
 //! the task is cancelled or times out. The image is generated (a gradient),
 //! so that the example needs no files and no image crate; the resampling,
 //! nearest neighbour in ten bands, is real work, done off the async
-//! threads with `spawn_blocking`.
+//! threads with `spawn_blocking`. It keeps the default placement (its
+//! attempts run on their worker slot's own thread); a handler that only
+//! awaits could return `Placement::EventLoop` from `placement()` and run
+//! beside the node's actors instead.
 //!
 //! Run a nats-server, then the example, then submit from another terminal:
 //!
