@@ -1,5 +1,6 @@
 //! In-process dispatch through the actors crate alone: submit → completed
-//! for no-op tasks, swept by batch size; and the priority queue by itself.
+//! for no-op tasks, on a worker's thread and on the event loop, swept by
+//! batch size; and the priority queue by itself.
 //!
 //! Run: `cargo bench -p dispatcher-actors --bench dispatch`
 
@@ -9,8 +10,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use dispatcher_actors::queue::PriorityQueue;
 use dispatcher_actors::{
-    handler_fn, Dispatcher, DispatcherConfig, Handlers, NodeId, NullSink, Priority, SubmitOptions,
-    TaskKind, TaskSpec,
+    handler_fn, Dispatcher, DispatcherConfig, Handlers, NodeId, NullSink, Placement, Priority,
+    SubmitOptions, TaskKind, TaskSpec,
 };
 use serde_json::json;
 
@@ -18,9 +19,15 @@ fn submit_to_complete(c: &mut Criterion) {
     let sys = actix::System::new();
     let dispatcher = sys.block_on(async {
         let mut handlers = Handlers::new();
+        // The same no-op, run on its worker slot's thread and on the
+        // event loop: the difference is the cost of the thread hand-off.
         handlers.insert(
-            TaskKind::new("noop").unwrap(),
+            TaskKind::new("noop-thread").unwrap(),
             handler_fn(|_ctx, p| async move { Ok(p) }),
+        );
+        handlers.insert(
+            TaskKind::new("noop-loop").unwrap(),
+            handler_fn(|_ctx, p| async move { Ok(p) }).with_placement(Placement::EventLoop),
         );
         let mut config = DispatcherConfig::new(NodeId::new("bench").unwrap());
         config.queue_capacity = Some(100_000);
@@ -28,23 +35,26 @@ fn submit_to_complete(c: &mut Criterion) {
         Dispatcher::start(config, handlers, Arc::new(NullSink)).unwrap()
     });
     let mut group = c.benchmark_group("submit_to_complete");
-    for batch in [1usize, 64, 1024] {
-        group.throughput(Throughput::Elements(batch as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
-            b.iter(|| {
-                sys.block_on(async {
-                    // Ids are generated, so every iteration's tasks are new.
-                    let specs = (0..batch)
-                        .map(|i| TaskSpec::new("noop", json!({ "i": i })))
-                        .collect();
-                    let results = dispatcher
-                        .submit_batch(specs, None, SubmitOptions::default())
-                        .await;
-                    assert!(results.iter().all(Result::is_ok));
-                    dispatcher.wait_idle().await;
+    for (placement, kind) in [("thread", "noop-thread"), ("event_loop", "noop-loop")] {
+        for batch in [1usize, 64, 1024] {
+            group.throughput(Throughput::Elements(batch as u64));
+            let id = BenchmarkId::new(placement, batch);
+            group.bench_with_input(id, &batch, |b, &batch| {
+                b.iter(|| {
+                    sys.block_on(async {
+                        // Ids are generated, so every iteration's tasks are new.
+                        let specs = (0..batch)
+                            .map(|i| TaskSpec::new(kind, json!({ "i": i })))
+                            .collect();
+                        let results = dispatcher
+                            .submit_batch(specs, None, SubmitOptions::default())
+                            .await;
+                        assert!(results.iter().all(Result::is_ok));
+                        dispatcher.wait_idle().await;
+                    })
                 })
-            })
-        });
+            });
+        }
     }
     group.finish();
     sys.block_on(dispatcher.shutdown(Duration::from_secs(5)));
