@@ -28,11 +28,13 @@
 //! - `responder`: the ceiling's bare responder thread.
 //! - `node`: the measured node as a child process, its CPU time and RSS.
 //! - `report`: the tables and the JSON.
+//! - `goals`: the project's targets, checked on each run.
 //! - `scaling`: `--scaling`, throughput as jetstream nodes are added.
 //! - `feed`: publishing and awaiting tasks for `--scaling` and `--memory`.
 //! - `memory`: `--memory`, the node's RSS under a backlog and with many records.
 
 mod feed;
+mod goals;
 mod memory;
 mod node;
 mod report;

@@ -13,7 +13,7 @@ fn a_short_bench_reports_every_column() {
     let json = tempfile::NamedTempFile::new().expect("temp file");
     let out = Command::new(BIN)
         .args([
-            "bench", "--tasks", "300", "--reps", "1", "--window", "16", "--json",
+            "bench", "--tasks", "300", "--reps", "1", "--window", "64", "--json",
         ])
         .arg(json.path())
         // The bench must start its own server: nothing may point it elsewhere.
@@ -78,7 +78,18 @@ fn a_short_bench_reports_every_column() {
             throughput["reps"]["direct"].as_array().map(Vec::len),
             Some(1)
         );
+        // The project's targets, judged on the run's own ratios.
+        let targets = doc["modes"][mode]["targets"].as_array().expect("targets");
+        let figures: Vec<_> = targets.iter().map(|t| t["figure"].clone()).collect();
+        assert_eq!(figures, ["throughput_per_s", "p50_us", "p99_us"], "{mode}");
+        let judged = &targets[0]["direct"];
+        assert_eq!(judged["value"], throughput["ratio_direct"], "{mode}");
+        assert!(judged["must_met"].is_boolean() && judged["aim_met"].is_boolean());
     }
+    assert!(
+        stdout.contains("targets (ratio to the ceiling)"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -13,6 +13,7 @@ use dispatcher_nats::{Mode, Subjects};
 use serde_json::{json, Value};
 
 use super::feed::{await_completed, clean_up, publish, CHUNK};
+use super::goals;
 use super::node::NodeProcess;
 use super::BenchArgs;
 /// RSS samples taken while the backlog is published.
@@ -46,7 +47,36 @@ pub(super) async fn run(args: &BenchArgs, url: &str) -> anyhow::Result<Value> {
         records["rss_mib"].as_f64().unwrap_or(0.0),
         records["peak_rss_mib"].as_f64().unwrap_or(0.0),
     );
-    Ok(json!({"backlog": backlog, "records": records}))
+    // The targets hold for the default sizes; other sizes are reported, not
+    // judged.
+    let mut targets = Vec::new();
+    if args.memory_backlog == 1_000_000 && args.memory_records == 100_000 {
+        let peak = |v: &Value| v["peak_rss_mib"].as_f64();
+        let first = backlog["first_rss_mib"].as_f64().unwrap_or(0.0);
+        let last = backlog["last_rss_mib"].as_f64().unwrap_or(f64::INFINITY);
+        let flat = goals::flat(first, last);
+        println!("\ntargets (MiB)");
+        for (goal, value) in [
+            (goals::BACKLOG_RSS, peak(&backlog)),
+            (goals::RECORDS_RSS, peak(&records)),
+        ] {
+            let mut verdict = goal.judge(value).as_str().to_owned();
+            let mut check = goal.check(&[("node", value)]);
+            if goal.key == goals::BACKLOG_RSS.key {
+                verdict.push_str(if flat { ", flat" } else { ", NOT FLAT" });
+                check["flat"] = json!(flat);
+            }
+            println!(
+                "  {:<40} must {:<10} aim {:<10} {:.1}: {verdict}",
+                goal.label,
+                goal.bound(goals::Goal::must),
+                goal.bound(goals::Goal::aim),
+                value.unwrap_or(0.0),
+            );
+            targets.push(check);
+        }
+    }
+    Ok(json!({"backlog": backlog, "records": records, "targets": targets}))
 }
 
 /// Publishes `--memory-backlog` long `sleep` tasks: the node holds a few,

@@ -7,6 +7,7 @@ use std::process::Command;
 use dispatcher_nats::Mode;
 use serde_json::{json, Value};
 
+use super::goals::{self, Verdict};
 use super::{BenchArgs, Column, Figures};
 
 /// A row of the table: a figure, its label and how to print it.
@@ -173,8 +174,44 @@ pub(super) fn summarise(args: &BenchArgs, mode: Mode, reps: &[Vec<Figures>]) -> 
             },
         }));
     }
+    let mut checks = Vec::new();
+    if goals::apply_to(args) {
+        table.push_str(&format!(
+            "\ntargets (ratio to the ceiling)\n{:<34}{:>12}{:>12}{:>21}{:>21}\n",
+            "figure", "must", "aim", "direct", "submit"
+        ));
+    } else {
+        table.push_str(&format!("\n{}\n", goals::NOT_JUDGED));
+    }
+    for goal in goals::ratios(mode)
+        .into_iter()
+        .filter(|_| goals::apply_to(args))
+    {
+        let row = rows
+            .iter()
+            .find(|r| r.key == goal.key)
+            .expect("every goal is a figure of the table");
+        let (d, s) = (ratio(row, direct), ratio(row, submit));
+        let verdict = |v: Option<f64>| {
+            let judged = goal.judge(v);
+            match (v, judged) {
+                (Some(v), _) => format!("{v:.2} {}", judged.as_str()),
+                (None, _) => Verdict::Unknown.as_str().to_owned(),
+            }
+        };
+        table.push_str(&format!(
+            "{:<34}{:>12}{:>12}{:>21}{:>21}\n",
+            goal.label,
+            goal.bound(goals::Goal::must),
+            goal.bound(goals::Goal::aim),
+            verdict(d),
+            verdict(s),
+        ));
+        checks.push(goal.check(&[("direct", d), ("submit", s)]));
+    }
     let report = json!({
         "ceiling": ceiling_kind,
+        "targets": checks,
         "columns": {
             Column::Ceiling.as_str(): ceiling,
             Column::Direct.as_str(): direct,
