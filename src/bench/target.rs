@@ -57,6 +57,14 @@ pub(super) struct Target {
     buckets: Vec<String>,
 }
 
+/// No task completed for this long: lost (core NATS is at most once) or
+/// stuck.
+#[derive(Debug, thiserror::Error)]
+#[error("none completed for {after:?}")]
+pub(super) struct Stalled {
+    after: Duration,
+}
+
 /// One timed run.
 struct Run {
     elapsed: Duration,
@@ -249,7 +257,8 @@ impl Target {
                     }
                     if last_progress.elapsed() > args.timeout {
                         bar.finish_and_clear();
-                        bail!("{}: none completed for {:?}", missing(done), args.timeout);
+                        return Err(anyhow::Error::new(Stalled { after: args.timeout })
+                            .context(missing(done)));
                     }
                 }
             }
