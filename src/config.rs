@@ -312,7 +312,8 @@ pub struct ServeConfig {
     pub workers: usize,
     /// Tasks the local queue holds; default workers × 100 in core mode and
     /// workers × 10 in jetstream mode (where it is how far a node pulls
-    /// ahead of its workers, so nodes share a backlog).
+    /// ahead of its workers, so nodes share a backlog; each consumer's
+    /// waiting pull may bring one task more).
     #[arg(long, env = "DISPATCH_QUEUE_CAPACITY")]
     pub queue_capacity: Option<usize>,
     /// Largest submission body, in bytes.
