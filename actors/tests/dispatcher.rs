@@ -111,7 +111,7 @@ fn handlers(rendezvous: Option<Rendezvous>) -> Handlers {
         kind("panic-loop"),
         handler_fn(|_ctx, _p: Value| async move {
             if true {
-                panic!("boom on the event loop");
+                panic!("boom in handler");
             }
             Ok(Value::Null)
         })
@@ -367,61 +367,72 @@ async fn timeouts_retry_then_time_out() {
 async fn a_handler_that_ignores_cancellation_is_dropped_after_the_grace() {
     let (d, _) = start(1);
     let mut rx = d.subscribe();
-    let s = d
-        .submit(
-            TaskSpec::new("hang", json!({}))
-                .with_timeout_ms(20)
-                .with_max_attempts(1),
-        )
-        .await
-        .unwrap();
-    let events = until_final(&mut rx, &s.id).await;
-    assert_eq!(events.last().unwrap().name(), TaskEventName::TimedOut);
-    // The slot is free again: the next task runs.
-    let next = d.submit(TaskSpec::new("echo", json!(1))).await.unwrap();
-    assert_eq!(
-        until_final(&mut rx, &next.id).await.last().unwrap().name(),
-        TaskEventName::Completed
-    );
+    // On its slot's thread, then on the event loop.
+    for kind in ["hang", "hang-loop"] {
+        let s = d
+            .submit(
+                TaskSpec::new(kind, json!({}))
+                    .with_timeout_ms(20)
+                    .with_max_attempts(1),
+            )
+            .await
+            .unwrap();
+        let events = until_final(&mut rx, &s.id).await;
+        assert_eq!(
+            events.last().unwrap().name(),
+            TaskEventName::TimedOut,
+            "{kind}"
+        );
+        // The slot is free again: the next task runs.
+        let next = d.submit(TaskSpec::new("echo", json!(1))).await.unwrap();
+        assert_eq!(
+            until_final(&mut rx, &next.id).await.last().unwrap().name(),
+            TaskEventName::Completed
+        );
+    }
 }
 
 #[actix::test]
 async fn a_panic_fails_the_attempt_restarts_the_worker_and_the_node_goes_on() {
     let (d, sink) = start(1);
     let mut rx = d.subscribe();
-    let s = d
-        .submit(TaskSpec::new("panic", json!({})).with_max_attempts(1))
-        .await
-        .unwrap();
-    let events = until_final(&mut rx, &s.id).await;
-    match &events.last().unwrap().body {
-        EventBody::Failed { error, .. } => {
-            assert_eq!(error.code, ErrorCode::WorkerCrashed);
-            assert!(
-                error.message.contains("boom in handler"),
-                "{}",
-                error.message
-            );
+    // On its slot's thread, then on the event loop.
+    for (restarts, kind) in [(1, "panic"), (2, "panic-loop")] {
+        let s = d
+            .submit(TaskSpec::new(kind, json!({})).with_max_attempts(1))
+            .await
+            .unwrap();
+        let events = until_final(&mut rx, &s.id).await;
+        match &events.last().unwrap().body {
+            EventBody::Failed { error, .. } => {
+                assert_eq!(error.code, ErrorCode::WorkerCrashed);
+                assert!(
+                    error.message.contains("boom in handler"),
+                    "{}",
+                    error.message
+                );
+            }
+            other => panic!("{kind}: {other:?}"),
         }
-        other => panic!("{other:?}"),
+        let restarted = sink
+            .wait_for(|e| {
+                matches!(e.body, NodeEventBody::WorkerRestarted { restarts: r, .. } if r == restarts)
+            })
+            .await;
+        assert!(matches!(
+            restarted.body,
+            NodeEventBody::WorkerRestarted { worker: 1, .. }
+        ));
+        let next = d.submit(TaskSpec::new("echo", json!(2))).await.unwrap();
+        assert_eq!(
+            until_final(&mut rx, &next.id).await.last().unwrap().name(),
+            TaskEventName::Completed
+        );
+        assert_eq!(
+            d.stats().await.unwrap().worker_restarts,
+            u64::from(restarts)
+        );
     }
-    let restarted = sink
-        .wait_for(|e| matches!(e.body, NodeEventBody::WorkerRestarted { .. }))
-        .await;
-    assert!(matches!(
-        restarted.body,
-        NodeEventBody::WorkerRestarted {
-            worker: 1,
-            restarts: 1,
-            ..
-        }
-    ));
-    let next = d.submit(TaskSpec::new("echo", json!(2))).await.unwrap();
-    assert_eq!(
-        until_final(&mut rx, &next.id).await.last().unwrap().name(),
-        TaskEventName::Completed
-    );
-    assert_eq!(d.stats().await.unwrap().worker_restarts, 1);
 }
 
 #[actix::test]
@@ -626,45 +637,6 @@ async fn each_placement_runs_where_it_says() {
     // slot's own.
     assert_eq!(ran_on[0], json!(here));
     assert_ne!(ran_on[1], json!(here));
-}
-
-#[actix::test]
-async fn event_loop_handlers_are_supervised_like_the_others() {
-    let (d, sink) = start(1);
-    let mut rx = d.subscribe();
-    let s = d
-        .submit(TaskSpec::new("panic-loop", json!({})).with_max_attempts(1))
-        .await
-        .unwrap();
-    match &until_final(&mut rx, &s.id).await.last().unwrap().body {
-        EventBody::Failed { error, .. } => {
-            assert_eq!(error.code, ErrorCode::WorkerCrashed);
-            assert!(
-                error.message.contains("boom on the event loop"),
-                "{}",
-                error.message
-            );
-        }
-        other => panic!("{other:?}"),
-    }
-    sink.wait_for(|e| matches!(e.body, NodeEventBody::WorkerRestarted { .. }))
-        .await;
-    // Deaf to cancellation: dropped after the grace, and the slot is free.
-    let s = d
-        .submit(
-            TaskSpec::new("hang-loop", json!({}))
-                .with_timeout_ms(20)
-                .with_max_attempts(1),
-        )
-        .await
-        .unwrap();
-    let events = until_final(&mut rx, &s.id).await;
-    assert_eq!(events.last().unwrap().name(), TaskEventName::TimedOut);
-    let next = d.submit(TaskSpec::new("echo", json!(3))).await.unwrap();
-    assert_eq!(
-        until_final(&mut rx, &next.id).await.last().unwrap().name(),
-        TaskEventName::Completed
-    );
 }
 
 #[actix::test]

@@ -42,13 +42,7 @@ pub async fn start(
     let most = BATCH.min(max_inflight);
     Ok(tokio::spawn(async move {
         while let Some(first) = sub.next().await {
-            let mut msgs = vec![first];
-            while msgs.len() < most {
-                match sub.next().now_or_never() {
-                    Some(Some(msg)) => msgs.push(msg),
-                    _ => break,
-                }
-            }
+            let msgs = with_waiting(&mut sub, first, most);
             // `msgs.len() <= most <= max_inflight`, so the permits exist.
             let Ok(permit) = permits.clone().acquire_many_owned(msgs.len() as u32).await else {
                 break;
@@ -76,6 +70,23 @@ pub async fn start(
             });
         }
     }))
+}
+
+/// `first` and the messages already waiting behind it on `sub`, at most
+/// `most` in all: read together, handled as a batch.
+pub(crate) fn with_waiting(
+    sub: &mut async_nats::Subscriber,
+    first: async_nats::Message,
+    most: usize,
+) -> Vec<async_nats::Message> {
+    let mut msgs = vec![first];
+    while msgs.len() < most {
+        match sub.next().now_or_never() {
+            Some(Some(msg)) => msgs.push(msg),
+            _ => break,
+        }
+    }
+    msgs
 }
 
 /// Reads a message's codec and body.

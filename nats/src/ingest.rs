@@ -5,12 +5,12 @@
 //! JetStream mode, with durable pull consumers, slots in beside it.
 
 use dispatcher_actors::{Dispatcher, ErrorCode, ErrorInfo, Priority, SubmitOptions, TaskSpec};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::codec::{Decoded, Limits};
-use crate::gateway::decode;
+use crate::gateway::{decode, with_waiting};
 use crate::subjects::{Subjects, QUEUE_GROUP};
 use crate::wire;
 
@@ -34,13 +34,7 @@ pub async fn start_core(
         .await?;
     Ok(tokio::spawn(async move {
         while let Some(first) = sub.next().await {
-            let mut msgs = vec![first];
-            while msgs.len() < BATCH {
-                match sub.next().now_or_never() {
-                    Some(Some(msg)) => msgs.push(msg),
-                    _ => break,
-                }
-            }
+            let msgs = with_waiting(&mut sub, first, BATCH);
             let mut replies: Vec<Option<serde_json::Value>> = Vec::with_capacity(msgs.len());
             let mut runs: Vec<Run> = Vec::new();
             for (i, msg) in msgs.iter().enumerate() {

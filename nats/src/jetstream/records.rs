@@ -313,15 +313,7 @@ async fn write_one(
     match seed {
         Some((record, Some(revision))) => cached = Some((*record, revision)),
         Some((mut record, None)) => {
-            for event in &events {
-                record.apply(event);
-                record.node = Some(event.node.clone());
-            }
-            let stored = Stored {
-                record: &record,
-                ack: ack.as_deref().filter(|_| !record.status.is_final()),
-            };
-            if let Ok(value) = serde_json::to_vec(&stored) {
+            if let Some(value) = fold_in(&mut record, &events, ack.as_deref()) {
                 // Absent: this is the record; present (another node made
                 // it, or the server was away): fold the events into what
                 // is there, fenced.
@@ -372,17 +364,7 @@ async fn apply(
             stats.stale.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        for event in &events {
-            record.apply(event);
-            record.node = Some(event.node.clone());
-        }
-        let stored = Stored {
-            record: &record,
-            ack: ack.as_deref().filter(|_| !record.status.is_final()),
-        };
-        let Ok(value) = serde_json::to_vec(&stored) else {
-            return None;
-        };
+        let value = fold_in(&mut record, &events, ack.as_deref())?;
         match records.update(id, value.into(), revision).await {
             Ok(revision) => {
                 stats.written.fetch_add(1, Ordering::Relaxed);
@@ -399,6 +381,20 @@ async fn apply(
     warn!(task_id = %id, "Record not written after {TRIES} tries.");
     stats.failed.fetch_add(1, Ordering::Relaxed);
     None
+}
+
+/// Applies `events` (in order) to `record` and encodes it as stored, with
+/// `ack` if the task is still running.
+fn fold_in(record: &mut TaskRecord, events: &[TaskEvent], ack: Option<&str>) -> Option<Vec<u8>> {
+    for event in events {
+        record.apply(event);
+        record.node = Some(event.node.clone());
+    }
+    let stored = Stored {
+        record,
+        ack: ack.filter(|_| !record.status.is_final()),
+    };
+    serde_json::to_vec(&stored).ok()
 }
 
 /// A record as stored: the record of PROTOCOL.md, and the ack subject of
