@@ -894,4 +894,19 @@ async fn shutdown_hands_delivered_tasks_back() {
         }
         other => panic!("{other:?}"),
     }
+    // Delivered after the shutdown began: refused, and handed back at once.
+    let late = Recorded::default();
+    let task = delivered_task(&d, TaskSpec::new("echo", json!(2)), 1);
+    let refused = d
+        .submit_delivered(
+            task,
+            DeliveryHandle::new(late.clone()),
+            SubmitOptions::default(),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(DispatchError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert_eq!(late.settled().await, Settlement::Release);
 }

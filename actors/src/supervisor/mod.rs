@@ -374,15 +374,20 @@ impl Handler<Enqueue> for Supervisor {
             .tasks
             .into_iter()
             .map(|held| {
-                if !self.accepting {
-                    return Err(DispatchError::Unavailable(
-                        "the node is shutting down".to_owned(),
-                    ));
-                }
-                if self.in_service() == 0 {
-                    return Err(DispatchError::Unavailable(
-                        "every worker slot is disabled after repeated crashes".to_owned(),
-                    ));
+                let refusal = if !self.accepting {
+                    Some("the node is shutting down")
+                } else if self.in_service() == 0 {
+                    Some("every worker slot is disabled after repeated crashes")
+                } else {
+                    None
+                };
+                if let Some(why) = refusal {
+                    // A delivered task goes back to its transport at once,
+                    // for another node, not after its lease lapses.
+                    if let Some(d) = held.delivery {
+                        d.settle(Settlement::Release);
+                    }
+                    return Err(DispatchError::Unavailable(why.to_owned()));
                 }
                 let Held { task, delivery } = held;
                 let delivery = match delivery {
