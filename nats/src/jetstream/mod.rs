@@ -7,6 +7,8 @@
 //! - [`pull`]: durable pull consumers per (kind, priority): a waiting pull
 //!   on each, and no-wait pulls highest priority first, within the local
 //!   queue's room.
+//! - `intake`: what a delivered message becomes (a task, or a delivery
+//!   settled at once).
 //! - [`delivery`]: the actors' [`Delivery`](dispatcher_actors::Delivery) on a
 //!   JetStream message: in-progress, ack, nak with delay, term, dead letter.
 //! - [`records`]: the KV mirror of task records, fenced by revision.
@@ -16,6 +18,7 @@
 pub mod cancels;
 pub mod cluster;
 pub mod delivery;
+mod intake;
 pub mod pull;
 pub mod records;
 pub mod setup;
