@@ -68,7 +68,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 EventBody::Retrying { error, retry_in_ms } => {
                     format!("{error}; next attempt in {retry_in_ms} ms")
                 }
-                EventBody::Failed { error, .. } | EventBody::Rejected { error } => {
+                EventBody::Failed { error, .. } | EventBody::Rejected { error, .. } => {
                     error.to_string()
                 }
                 EventBody::TimedOut { timeout_ms } => format!("after {timeout_ms} ms"),

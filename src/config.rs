@@ -388,6 +388,13 @@ pub struct ServeConfig {
     /// Unacknowledged deliveries per consumer, over all nodes.
     #[arg(long, env = "DISPATCH_MAX_ACK_PENDING", default_value_t = 10_000)]
     pub max_ack_pending: i64,
+    /// Deliveries of one task message at most, a bound on a message that
+    /// takes down every node that pulls it in a way no check catches
+    /// (invalid messages are removed on their first delivery; a task's
+    /// attempts stop at its max_attempts long before this). Past it the
+    /// server stops delivering the message.
+    #[arg(long, env = "DISPATCH_MAX_DELIVERIES", default_value_t = 200, value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_deliveries: i64,
     /// How long a consumer's waiting pull lasts at the server before the
     /// node renews it. The server pushes a task (new, or redelivered) to a
     /// waiting pull at once; renewing only keeps the pull alive.
@@ -476,6 +483,7 @@ impl ServeConfig {
                 duplicate_window: self.duplicate_window,
                 ack_wait: self.ack_wait,
                 max_ack_pending: self.max_ack_pending,
+                max_deliveries: self.max_deliveries,
                 idle_poll: self.idle_poll,
                 fetch_batch: self.fetch_batch,
                 record_linger: self.record_linger,

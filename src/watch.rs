@@ -203,7 +203,7 @@ fn outcome(event: &TaskEvent) -> Outcome {
         EventBody::Failed { error, .. } => (None, format!("{}: {}", error.code, error.message)),
         EventBody::TimedOut { timeout_ms } => (None, format!("after {timeout_ms} ms")),
         EventBody::Cancelled { reason } => (None, reason.clone()),
-        EventBody::Rejected { error } => (None, format!("{}: {}", error.code, error.message)),
+        EventBody::Rejected { error, .. } => (None, format!("{}: {}", error.code, error.message)),
         _ => (None, String::new()),
     };
     Outcome {

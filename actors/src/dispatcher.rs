@@ -270,6 +270,26 @@ impl Dispatcher {
         })
     }
 
+    /// Queues many already validated tasks in two actor messages whatever
+    /// their number; each succeeds or fails alone, answered in order.
+    /// Every refusal also goes out as a `rejected` event.
+    pub async fn submit_tasks(
+        &self,
+        tasks: Vec<Task>,
+        options: SubmitOptions,
+    ) -> Vec<Result<Submitted, DispatchError>> {
+        let held = tasks
+            .into_iter()
+            .map(|task| {
+                Ok(Held {
+                    task,
+                    delivery: None,
+                })
+            })
+            .collect();
+        self.submit_held(held, options).await
+    }
+
     /// Queues a task that a durable transport delivered, with its handle on
     /// that delivery (settled when the node is done with the task). The
     /// task's `attempt` is the transport's delivery count. A delivery of a
@@ -459,22 +479,48 @@ impl Dispatcher {
         );
     }
 
-    /// Publishes a `rejected` event for input that could not even be read
-    /// as a task (bad JSON, wrong content type …) and counts it. `id` and
-    /// `kind` are whatever could be read, if anything; what is not a valid
-    /// token shows as `_`.
+    /// Publishes a `rejected` event for a refused task and counts it.
+    /// `id` and `kind` are whatever could be read, if anything (see
+    /// [`Dispatcher::reject_message`]).
     pub fn reject(&self, id: Option<&str>, kind: Option<&str>, error: ErrorInfo) {
+        self.reject_from(None, id, kind, error);
+    }
+
+    /// Publishes a `rejected` event for a message that came on `subject`
+    /// and was refused, and counts it. `id` and `kind` are whatever could
+    /// be read, if anything: an id that is not a valid token is replaced
+    /// by a fresh one (so that every refusal is an event of its own, and
+    /// `subject` says where it came from), a kind that is not shows as `_`.
+    pub fn reject_message(
+        &self,
+        subject: &str,
+        id: Option<&str>,
+        kind: Option<&str>,
+        error: ErrorInfo,
+    ) {
+        self.reject_from(Some(subject), id, kind, error);
+    }
+
+    fn reject_from(
+        &self,
+        subject: Option<&str>,
+        id: Option<&str>,
+        kind: Option<&str>,
+        error: ErrorInfo,
+    ) {
         let id = id
             .filter(|s| is_token(s, MAX_ID_LEN))
             .and_then(|s| TaskId::new(s).ok())
-            .unwrap_or_else(TaskId::unknown);
+            .unwrap_or_else(TaskId::generate);
         let kind = kind
             .filter(|s| is_token(s, MAX_KIND_LEN))
             .and_then(|s| TaskKind::new(s).ok())
             .unwrap_or_else(TaskKind::unknown);
-        self.inner
-            .emitter
-            .task(&id, &kind, 0, EventBody::Rejected { error });
+        let body = EventBody::Rejected {
+            error,
+            subject: subject.map(str::to_owned),
+        };
+        self.inner.emitter.task(&id, &kind, 0, body);
     }
 
     /// Publishes an event about a task this node does not hold: the

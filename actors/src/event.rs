@@ -152,6 +152,9 @@ pub enum EventBody {
     Rejected {
         /// Why.
         error: ErrorInfo,
+        /// The subject the refused message came on (so that a refusal
+        /// whose id could not be read can still be traced to its source).
+        subject: Option<String>,
     },
     /// An attempt began.
     Started {
@@ -314,6 +317,8 @@ struct WireEventRef<'a> {
     timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
 }
 
 impl<'a> From<&'a TaskEvent> for WireEventRef<'a> {
@@ -336,10 +341,14 @@ impl<'a> From<&'a TaskEvent> for WireEventRef<'a> {
             duration_ms: None,
             timeout_ms: None,
             reason: None,
+            subject: None,
         };
         match &e.body {
             EventBody::Accepted { priority } => w.priority = Some(*priority),
-            EventBody::Rejected { error } => w.error = Some(error),
+            EventBody::Rejected { error, subject } => {
+                w.error = Some(error);
+                w.subject = subject.as_deref();
+            }
             EventBody::Started { worker } => w.worker = Some(*worker),
             EventBody::Progress { progress, message } => {
                 w.progress = Some(*progress);
@@ -396,6 +405,8 @@ struct WireEvent {
     timeout_ms: Option<u64>,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
 }
 
 impl TryFrom<WireEvent> for TaskEvent {
@@ -412,6 +423,7 @@ impl TryFrom<WireEvent> for TaskEvent {
             },
             TaskEventName::Rejected => EventBody::Rejected {
                 error: need(w.error, name, "error")?,
+                subject: w.subject,
             },
             TaskEventName::Started => EventBody::Started {
                 worker: need(w.worker, name, "worker")?,
@@ -654,6 +666,11 @@ mod tests {
             },
             EventBody::Rejected {
                 error: ErrorInfo::field(ErrorCode::InvalidField, "priority", "bad"),
+                subject: Some("dispatch.submit.echo".into()),
+            },
+            EventBody::Rejected {
+                error: ErrorInfo::new(ErrorCode::InvalidJson, "bad"),
+                subject: None,
             },
             EventBody::Started { worker: 3 },
             EventBody::Progress {

@@ -48,6 +48,11 @@ pub struct TaskRecord {
     /// The task's tags.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// Where a durable transport stores the task: the SHA-256 (hex) of
+    /// the body it was stored with. It ties the record to that one
+    /// message, so that another message reusing the id is told apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 impl TaskRecord {
@@ -70,6 +75,7 @@ impl TaskRecord {
             result: None,
             error: None,
             tags: task.tags.clone(),
+            digest: None,
         }
     }
 

@@ -135,14 +135,6 @@ impl TaskKind {
     }
 }
 
-impl TaskId {
-    /// The stand-in id (`_`) used in `rejected` events when no valid id
-    /// could be read.
-    pub fn unknown() -> Self {
-        Self(Arc::from("_"))
-    }
-}
-
 fn truncate_for_message(s: &str) -> String {
     const SHOW: usize = 40;
     if s.chars().count() <= SHOW {

@@ -251,6 +251,16 @@ impl Client {
             })
     }
 
+    /// Runs a task whose attempts were spent again, from its dead letter
+    /// (`<p>.api.replay`, mode `jetstream`). Its record starts over at
+    /// `queued`, and the dead letter is removed.
+    pub async fn replay(&self, id: &TaskId) -> Result<(), ClientError> {
+        let _: bool = self
+            .api(ApiEndpoint::Replay, json!({ "id": id }), "replayed")
+            .await?;
+        Ok(())
+    }
+
     /// Task records matching `filter`, newest first (`<p>.api.list`). The
     /// node caps `limit` at 10 000 and refuses 0.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, ClientError> {
@@ -480,7 +490,7 @@ async fn wait_final(
         if event.name().is_final() {
             return Ok(event);
         }
-        if let EventBody::Rejected { error } = event.body {
+        if let EventBody::Rejected { error, .. } = event.body {
             if stop_on_rejected && error.code != ErrorCode::DuplicateId {
                 return Err(ClientError::Rejected(error));
             }

@@ -2,6 +2,11 @@
 //! [`Codec::Bincode`], picked from the `Content-Type` header, and the
 //! checks every body passes before it is read as a task — size, UTF-8,
 //! nesting depth — each failing with the protocol's error code.
+//!
+//! Decoding is bounded whatever the body claims: a JSON body (and the
+//! JSON payload inside a bincode body) is measured for depth before it is
+//! parsed, and bincode runs with a limit on what it may allocate, so a
+//! length prefix of 2^62 is an error, not an allocation.
 
 use dispatcher_actors::{ErrorCode, ErrorInfo, TaskSpec};
 use serde::{Deserialize, Serialize};
@@ -136,20 +141,49 @@ impl Codec {
         match self {
             Codec::Json => decode_json(body, limits),
             Codec::Bincode => {
-                let (task, _): (BincodeTask, usize) =
-                    bincode::serde::decode_from_slice(body, bincode::config::standard())
+                let (task, read): (BincodeTask, usize) =
+                    bincode::serde::decode_from_slice(body, bincode_config())
                         .map_err(|e| CodecError::Bincode(e.to_string()))?;
-                task.into_spec().map(|s| Decoded::One(Box::new(s)))
+                if read != body.len() {
+                    return Err(CodecError::Bincode(format!(
+                        "{} bytes follow the task",
+                        body.len() - read
+                    )));
+                }
+                task.into_spec(limits).map(|s| Decoded::One(Box::new(s)))
             }
         }
     }
 }
 
+/// Most bytes a bincode body may make the decoder claim for its strings
+/// and lists. Every byte of a real string comes from the body, which is at
+/// most `max_payload`, and a tag costs 48 bytes of claim for at least 2 of
+/// body; 64 MiB covers any body up to 1 MiB with room to spare and bounds
+/// what a forged length prefix can allocate. A node with a larger
+/// `--max-payload` gets a larger claim ceiling only through this constant.
+pub const BINCODE_CLAIM_LIMIT: usize = 64 * 1024 * 1024;
+
+/// bincode's standard configuration with [`BINCODE_CLAIM_LIMIT`].
+fn bincode_config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<BINCODE_CLAIM_LIMIT>,
+> {
+    bincode::config::standard().with_limit::<BINCODE_CLAIM_LIMIT>()
+}
+
+/// Checks that JSON text nests no deeper than `max_depth`.
+pub fn check_depth(text: &str, max_depth: usize) -> Result<(), CodecError> {
+    if nesting_depth(text) > max_depth {
+        return Err(CodecError::TooDeep(max_depth));
+    }
+    Ok(())
+}
+
 fn decode_json(body: &[u8], limits: &Limits) -> Result<Decoded, CodecError> {
     let text = std::str::from_utf8(body).map_err(|_| CodecError::NotUtf8)?;
-    if nesting_depth(text) > limits.max_depth {
-        return Err(CodecError::TooDeep(limits.max_depth));
-    }
+    check_depth(text, limits.max_depth)?;
     if text.trim_start().starts_with('{') {
         // One task, the common case: read straight into the spec. Any
         // error is found again below, on the way through a JSON value, so
@@ -270,17 +304,31 @@ impl BincodeTask {
         }
     }
 
+    /// The id of a bincode body that is not a valid task otherwise, if
+    /// its fields can be read at all (decoded with the same bounds).
+    pub fn read_id(body: &[u8]) -> Option<String> {
+        let (task, _): (BincodeTask, usize) =
+            bincode::serde::decode_from_slice(body, bincode_config()).ok()?;
+        task.id
+    }
+
     /// Encodes it.
     pub fn encode(&self) -> Vec<u8> {
         bincode::serde::encode_to_vec(self, bincode::config::standard())
             .expect("encoding plain structs into a Vec cannot fail")
     }
 
-    fn into_spec(self) -> Result<TaskSpec, CodecError> {
+    fn into_spec(self, limits: &Limits) -> Result<TaskSpec, CodecError> {
         let payload = if self.payload.is_empty() {
             serde_json::Value::Null
         } else {
-            serde_json::from_slice(&self.payload).map_err(|e| CodecError::Field {
+            let text = std::str::from_utf8(&self.payload).map_err(|_| CodecError::Field {
+                field: "payload".into(),
+                message: "payload bytes are not UTF-8 JSON text".into(),
+            })?;
+            // The payload sits one level inside the task, as in a JSON body.
+            check_depth(text, limits.max_depth.saturating_sub(1))?;
+            serde_json::from_str(text).map_err(|e| CodecError::Field {
                 field: "payload".into(),
                 message: format!("payload bytes are not JSON text: {e}"),
             })?
@@ -444,6 +492,66 @@ mod tests {
                 .code(),
             ErrorCode::InvalidJson
         );
+    }
+
+    /// A bincode body whose first string claims 2^62 bytes: an error, not
+    /// an allocation that aborts the process.
+    #[test]
+    fn a_huge_bincode_length_prefix_is_an_error() {
+        let mut body = vec![0x01, 0xfd];
+        body.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        body.extend_from_slice(b"abc");
+        let err = Codec::Bincode
+            .decode(&body, &Limits::default())
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidJson);
+        // Same for a list (the tags) that claims 2^40 entries.
+        let task = BincodeTask {
+            tags: Some(vec![]),
+            ..BincodeTask::default()
+        };
+        let mut bytes = task.encode();
+        let len = bytes.len();
+        bytes.truncate(len - 1);
+        bytes.push(0xfd);
+        bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let err = Codec::Bincode
+            .decode(&bytes, &Limits::default())
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidJson);
+    }
+
+    #[test]
+    fn a_bincode_payload_is_held_to_the_depth_limit() {
+        let limits = Limits {
+            max_payload: 1 << 20,
+            max_depth: 4,
+        };
+        let deep = |n: usize| BincodeTask {
+            payload: format!("{}{}", "[".repeat(n), "]".repeat(n)).into_bytes(),
+            ..BincodeTask::default()
+        };
+        // As JSON the task would be 1 + n deep.
+        assert!(Codec::Bincode.decode(&deep(3).encode(), &limits).is_ok());
+        let err = Codec::Bincode
+            .decode(&deep(4).encode(), &limits)
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidJson);
+        assert!(err.to_string().contains("deeper"), "{err}");
+        let err = Codec::Bincode
+            .decode(&deep(100).encode(), &Limits::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("deeper"), "{err}");
+    }
+
+    #[test]
+    fn bytes_after_a_bincode_task_are_refused() {
+        let mut bytes = BincodeTask::default().encode();
+        bytes.push(0);
+        let err = Codec::Bincode
+            .decode(&bytes, &Limits::default())
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidJson);
     }
 
     #[test]

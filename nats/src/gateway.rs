@@ -7,14 +7,15 @@
 
 use std::sync::Arc;
 
-use dispatcher_actors::{DispatchError, Dispatcher, SubmitOptions, Submitted, TaskSpec};
+use dispatcher_actors::{DispatchError, Dispatcher, SubmitOptions, Submitted, Task};
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::codec::{Codec, CodecError, Decoded, Limits};
+use crate::codec::Limits;
+use crate::inbound::{Reader, Refusal, Submission};
 use crate::jetstream::store::DurableStore;
 use crate::subjects::{Subjects, HEADER_CONTENT_TYPE, QUEUE_GROUP};
 use crate::wire;
@@ -40,6 +41,7 @@ pub async fn start(
     let max_inflight = max_inflight.clamp(1, Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(max_inflight));
     let most = BATCH.min(max_inflight);
+    let reader = Reader::new(subjects, limits, dispatcher.config().defaults);
     Ok(tokio::spawn(async move {
         while let Some(first) = sub.next().await {
             let msgs = with_waiting(&mut sub, first, most);
@@ -47,18 +49,15 @@ pub async fn start(
             let Ok(permit) = permits.clone().acquire_many_owned(msgs.len() as u32).await else {
                 break;
             };
-            let (client, subjects, dispatcher, store) = (
-                client.clone(),
-                subjects.clone(),
-                dispatcher.clone(),
-                store.clone(),
-            );
+            let (client, dispatcher, store) = (client.clone(), dispatcher.clone(), store.clone());
+            let reader = reader.clone();
             tokio::spawn(async move {
                 let intake = Intake {
                     dispatcher: &dispatcher,
+                    reader: &reader,
                     store: store.as_ref(),
                 };
-                let replies = handle(&subjects, &intake, &limits, &msgs).await;
+                let replies = handle(&intake, &msgs).await;
                 for (msg, reply) in msgs.into_iter().zip(replies) {
                     if let Some(to) = msg.reply {
                         if let Err(e) = client.publish(to, wire::body(&reply)).await {
@@ -89,47 +88,46 @@ pub(crate) fn with_waiting(
     msgs
 }
 
-/// Reads a message's codec and body.
-pub(crate) fn decode(msg: &async_nats::Message, limits: &Limits) -> Result<Decoded, CodecError> {
-    let content_type = msg
-        .headers
+/// A message's `Content-Type` header, if any.
+pub(crate) fn content_type(msg: &async_nats::Message) -> Option<&str> {
+    msg.headers
         .as_ref()
         .and_then(|h| h.get(HEADER_CONTENT_TYPE))
-        .map(|v| v.as_str());
-    Codec::from_content_type(content_type)?.decode(&msg.payload, limits)
+        .map(|v| v.as_str())
 }
 
 /// Where valid submissions go.
 struct Intake<'a> {
     dispatcher: &'a Dispatcher,
+    reader: &'a Reader,
     store: Option<&'a DurableStore>,
 }
 
 impl Intake<'_> {
+    /// Queues (core) or stores (jetstream) valid tasks that came on
+    /// `subject`; answers in the same order.
     async fn submit(
         &self,
-        specs: Vec<TaskSpec>,
-        kind: Option<&str>,
+        subject: &str,
+        tasks: Vec<Task>,
     ) -> Vec<Result<Submitted, DispatchError>> {
         let Some(store) = self.store else {
             return self
                 .dispatcher
-                .submit_batch(specs, kind, SubmitOptions::default())
+                .submit_tasks(tasks, SubmitOptions::default())
                 .await;
         };
         let mut results: Vec<Option<Result<Submitted, DispatchError>>> = Vec::new();
         let mut valid = Vec::new();
-        for spec in specs {
-            let (id, body_kind) = (spec.id.clone(), spec.kind.clone());
-            match self.dispatcher.validate(spec, kind) {
-                Ok(task) => {
+        for task in tasks {
+            match self.reader.stored_body(&task) {
+                Ok(body) => {
                     results.push(None);
-                    valid.push(task);
+                    valid.push((task, body));
                 }
-                Err(info) => {
-                    let shown = kind.or(body_kind.as_deref());
-                    self.dispatcher.reject(id.as_deref(), shown, info.clone());
-                    results.push(Some(Err(DispatchError::Invalid(info))));
+                Err(refusal) => {
+                    reject(self.dispatcher, subject, &refusal);
+                    results.push(Some(Err(DispatchError::Invalid(refusal.error))));
                 }
             }
         }
@@ -143,6 +141,16 @@ impl Intake<'_> {
             })
             .collect()
     }
+}
+
+/// Publishes the `rejected` event of a refused message.
+pub(crate) fn reject(dispatcher: &Dispatcher, subject: &str, refusal: &Refusal) {
+    dispatcher.reject_message(
+        subject,
+        refusal.id.as_deref(),
+        refusal.kind.as_deref(),
+        refusal.error.clone(),
+    );
 }
 
 /// What a request's reply is made of, while its tasks are submitted.
@@ -159,65 +167,60 @@ enum Reply {
 /// a batch request.
 type Slot = (usize, Option<usize>);
 
-/// The tasks of one kind among the requests handled together.
+/// The tasks that came on one subject among the requests handled together.
 struct Group<'a> {
-    kind: Option<&'a str>,
+    subject: &'a str,
     slots: Vec<Slot>,
-    specs: Vec<TaskSpec>,
+    tasks: Vec<Task>,
 }
 
-/// Adds a task to the group of its kind.
-fn add<'a>(groups: &mut Vec<Group<'a>>, kind: Option<&'a str>, slot: Slot, spec: TaskSpec) {
-    let at = match groups.iter().position(|g| g.kind == kind) {
+/// Adds a task to the group of its subject.
+fn add<'a>(groups: &mut Vec<Group<'a>>, subject: &'a str, slot: Slot, task: Task) {
+    let at = match groups.iter().position(|g| g.subject == subject) {
         Some(at) => at,
         None => {
             groups.push(Group {
-                kind,
+                subject,
                 slots: Vec::new(),
-                specs: Vec::new(),
+                tasks: Vec::new(),
             });
             groups.len() - 1
         }
     };
     groups[at].slots.push(slot);
-    groups[at].specs.push(spec);
+    groups[at].tasks.push(task);
 }
 
 /// Answers each of `msgs`, in order.
-async fn handle(
-    subjects: &Subjects,
-    intake: &Intake<'_>,
-    limits: &Limits,
-    msgs: &[async_nats::Message],
-) -> Vec<Value> {
+async fn handle(intake: &Intake<'_>, msgs: &[async_nats::Message]) -> Vec<Value> {
     let dispatcher = intake.dispatcher;
     let mut replies = Vec::with_capacity(msgs.len());
     let mut groups: Vec<Group> = Vec::new();
     for (i, msg) in msgs.iter().enumerate() {
-        let kind = subjects.token(&msg.subject, 1);
-        let reply = match decode(msg, limits) {
-            Err(e) => {
-                let info = e.to_info();
-                dispatcher.reject(None, kind, info.clone());
-                Reply::Ready(wire::error(&info))
-            }
-            Ok(Decoded::One(spec)) => {
-                add(&mut groups, kind, (i, None), *spec);
+        let subject = msg.subject.as_str();
+        let read = intake
+            .reader
+            .submission(subject, content_type(msg), &msg.payload);
+        let refused = |refusal: Refusal| {
+            reject(dispatcher, subject, &refusal);
+            Some(wire::error(&refusal.error))
+        };
+        let reply = match read {
+            Err(refusal) => Reply::Ready(refused(refusal).unwrap_or_default()),
+            Ok(Submission::One(Ok(task))) => {
+                add(&mut groups, subject, (i, None), task);
                 Reply::One(None)
             }
-            Ok(Decoded::Batch(items)) => {
+            Ok(Submission::One(Err(refusal))) => Reply::One(refused(refusal)),
+            Ok(Submission::Batch(items)) => {
                 let mut elements = Vec::with_capacity(items.len());
                 for (j, item) in items.into_iter().enumerate() {
                     match item {
-                        Ok(spec) => {
-                            add(&mut groups, kind, (i, Some(j)), spec);
+                        Ok(task) => {
+                            add(&mut groups, subject, (i, Some(j)), task);
                             elements.push(None);
                         }
-                        Err(e) => {
-                            let info = e.to_info();
-                            dispatcher.reject(None, kind, info.clone());
-                            elements.push(Some(wire::error(&info)));
-                        }
+                        Err(refusal) => elements.push(refused(refusal)),
                     }
                 }
                 Reply::Batch(elements)
@@ -226,7 +229,7 @@ async fn handle(
         replies.push(reply);
     }
     for group in groups {
-        let results = intake.submit(group.specs, group.kind).await;
+        let results = intake.submit(group.subject, group.tasks).await;
         for ((i, element), result) in group.slots.into_iter().zip(results) {
             let value = Some(wire::submit_result(&result));
             match (&mut replies[i], element) {

@@ -8,6 +8,7 @@
 //! - [`subjects`]: every subject, stream, bucket and header name, from one prefix.
 //! - [`wire`]: reply bodies.
 //! - [`codec`]: JSON and bincode bodies, checked against the limits.
+//! - [`inbound`]: the one reading of a message as a task, for every entry point.
 //! - [`gateway`]: the submit gateway.
 //! - [`ingest`]: tasks published straight onto the queue (mode `core`).
 //! - [`jetstream`]: mode `jetstream`: streams, pull consumers, deliveries, KV records.
@@ -19,6 +20,7 @@
 pub mod client;
 pub mod codec;
 pub mod gateway;
+pub mod inbound;
 pub mod ingest;
 pub mod jetstream;
 pub mod local_server;

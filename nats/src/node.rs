@@ -281,7 +281,7 @@ impl Node {
             &subjects,
             dispatcher.node().as_str().to_owned(),
             options.heartbeat_interval,
-            durable.as_ref().map(|d| d.records.clone()),
+            durable.is_some(),
         )
         .await?;
         intake.extend(cluster_tasks);
@@ -289,6 +289,13 @@ impl Node {
             records: d.records.clone(),
             cancels: d.cancels.clone(),
             tasks: d.tasks.clone(),
+            js: d.js.clone(),
+            subjects: subjects.clone(),
+            reader: crate::inbound::Reader::new(
+                subjects.clone(),
+                limits,
+                dispatcher.config().defaults,
+            ),
         });
         let (service, mut service_tasks) = service::start(
             client.clone(),

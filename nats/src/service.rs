@@ -13,17 +13,19 @@
 use async_nats::jetstream::kv;
 use async_nats::service::{Service, ServiceExt};
 use dispatcher_actors::{
-    DispatchError, Dispatcher, ErrorCode, ErrorInfo, ListFilter, TaskId, TaskKind, TaskRecord,
-    TaskStatus,
+    DispatchError, Dispatcher, ErrorCode, ErrorInfo, EventBody, ListFilter, TaskId, TaskKind,
+    TaskRecord, TaskStatus,
 };
-use futures::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::jetstream::cancels;
 use crate::jetstream::cluster::Cluster;
+use crate::jetstream::{cancels, replay};
 use crate::subjects::{ApiEndpoint, Subjects, QUEUE_GROUP, SERVICE_NAME};
 use crate::wire;
 
@@ -39,6 +41,12 @@ pub struct Shared {
     pub cancels: kv::Store,
     /// The task stream, for the backlog of its consumers.
     pub tasks: async_nats::jetstream::stream::Stream,
+    /// JetStream, for replays.
+    pub js: async_nats::jetstream::Context,
+    /// The subjects of the deployment.
+    pub subjects: Subjects,
+    /// Reads tasks as the nodes do, for replays.
+    pub reader: crate::inbound::Reader,
 }
 
 /// Most records or errors one `list` or `errors` request returns.
@@ -54,7 +62,7 @@ pub async fn start(
 ) -> Result<(Service, Vec<JoinHandle<()>>), async_nats::Error> {
     let service = client
         .service_builder()
-        .description("dispatcher control API: status, cancel, list, errors, stats, nodes")
+        .description("dispatcher control API: status, cancel, list, errors, stats, nodes, replay")
         .queue_group(QUEUE_GROUP)
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await?;
@@ -75,7 +83,16 @@ pub async fn start(
                     shared: shared.as_ref(),
                     cluster: &cluster,
                 };
-                let reply = answer(endpoint, &context, &request.message.payload).await;
+                // No request can take the node down: a panic answers `internal`.
+                let reply = AssertUnwindSafe(answer(endpoint, &context, &request.message.payload))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        wire::error(&ErrorInfo::new(
+                            ErrorCode::Internal,
+                            "the request could not be answered",
+                        ))
+                    });
                 if let Err(e) = request.respond(Ok(wire::body(&reply))).await {
                     warn!(error = %e, "Control reply not sent.");
                 }
@@ -237,6 +254,25 @@ async fn try_answer(
             Ok(reply)
         }
         ApiEndpoint::Nodes => Ok(json!({"ok": true, "nodes": context.cluster.nodes()})),
+        ApiEndpoint::Replay => {
+            let req: IdRequest = parse(body, false)?;
+            let id = TaskId::new(req.id)?;
+            let Some(shared) = shared else {
+                return Err(ErrorInfo::new(
+                    ErrorCode::Unavailable,
+                    "replay needs mode jetstream (dead letters live in JetStream)",
+                ));
+            };
+            let task =
+                replay::replay(&shared.js, &shared.subjects, &shared.reader, d.node(), &id).await?;
+            d.announce(
+                &task,
+                EventBody::Accepted {
+                    priority: task.priority,
+                },
+            );
+            Ok(json!({"ok": true, "id": id, "replayed": true}))
+        }
     }
 }
 

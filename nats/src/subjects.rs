@@ -42,17 +42,20 @@ pub enum ApiEndpoint {
     Stats,
     /// The live nodes.
     Nodes,
+    /// Run a dead task again (mode `jetstream`).
+    Replay,
 }
 
 impl ApiEndpoint {
     /// Every endpoint.
-    pub const ALL: [ApiEndpoint; 6] = [
+    pub const ALL: [ApiEndpoint; 7] = [
         ApiEndpoint::Status,
         ApiEndpoint::Cancel,
         ApiEndpoint::List,
         ApiEndpoint::Errors,
         ApiEndpoint::Stats,
         ApiEndpoint::Nodes,
+        ApiEndpoint::Replay,
     ];
 
     /// The endpoint's name (last subject token).
@@ -64,6 +67,7 @@ impl ApiEndpoint {
             ApiEndpoint::Errors => "errors",
             ApiEndpoint::Stats => "stats",
             ApiEndpoint::Nodes => "nodes",
+            ApiEndpoint::Replay => "replay",
         }
     }
 }

@@ -9,7 +9,10 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use dispatcher_actors::TaskDefaults;
 use dispatcher_actors::{handler_fn, DispatcherConfig, Handlers, NodeId, TaskError, TaskKind};
+use dispatcher_nats::codec::Limits;
+use dispatcher_nats::inbound::{digest, Reader};
 use dispatcher_nats::{LocalServer, Mode, Node, NodeOptions, Subjects};
 use serde_json::{json, Value};
 
@@ -179,7 +182,9 @@ async fn a_task_that_ends_within_the_linger_costs_one_record_write() {
     assert!(record["started_at"].is_string(), "{record}");
     assert_eq!(record_writes(&client, &subjects).await, 2);
 
-    // Straight onto the queue: no record yet; the node creates it once, ended.
+    // Straight onto the queue: no record yet; the node that pulls it
+    // creates it before it runs (so that no other message with its id can
+    // claim it), and writes its end.
     js.publish(
         subjects.task("echo", dispatcher_actors::Priority::Normal),
         json!({"id": "d1"}).to_string().into(),
@@ -193,7 +198,7 @@ async fn a_task_that_ends_within_the_linger_costs_one_record_write() {
         r["status"] == "completed"
     })
     .await;
-    assert_eq!(record_writes(&client, &subjects).await, 3);
+    assert_eq!(record_writes(&client, &subjects).await, 4);
     node.shutdown().await;
 }
 
@@ -653,17 +658,37 @@ async fn a_retried_submit_whose_first_publish_was_lost_is_queued_not_refused() {
         .get_key_value(subjects.bucket_tasks())
         .await
         .unwrap();
+    // The record names the body the gateway stored: the same request
+    // makes the same body.
+    let reader = Reader::new(subjects.clone(), Limits::default(), TaskDefaults::default());
+    let task = reader
+        .queued(
+            &subjects.task("echo", dispatcher_actors::Priority::Normal),
+            None,
+            json!({"id": "lost-1", "payload": 7}).to_string().as_bytes(),
+        )
+        .unwrap();
+    let body_digest = digest(&reader.stored_body(&task).unwrap());
     let record = json!({
         "id": "lost-1", "kind": "echo", "priority": "normal", "status": "queued",
         "attempt": 1, "max_attempts": 3, "node": null, "worker": null,
         "progress": null, "message": null,
         "created_at": dispatcher_actors::Timestamp::now(),
         "started_at": null, "finished_at": null, "result": null, "error": null,
+        "digest": body_digest,
     });
     kv.create("lost-1", record.to_string().into())
         .await
         .unwrap();
     let mut events = subscribe(&client, subjects.task_events("lost-1")).await;
+    // Another body under its id is not the lost one: a duplicate.
+    let r = request(
+        &client,
+        subjects.submit("echo"),
+        json!({"id": "lost-1", "payload": 8}),
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "duplicate_id", "{r}");
     let r = request(
         &client,
         subjects.submit("echo"),

@@ -7,16 +7,24 @@
 //! node keeps the latest of these for every other. A node whose snapshots stop for three
 //! heartbeat intervals without an `offline` event is dead: the live node
 //! with the smallest id naks every delivery the dead node held (from its
-//! last snapshot, and from the KV records of tasks it was running), so
-//! JetStream redelivers them at once instead of after `AckWait`.
+//! last snapshot and the leases it announced since), so JetStream
+//! redelivers them at once instead of after `AckWait`.
+//!
+//! What comes on these subjects is data, never an instruction: a node is
+//! known only from its `online` event or its snapshots (each must name the
+//! node of its subject), leases count only for a node known so, and only
+//! ack subjects of this deployment's own task consumers are kept — so a
+//! message can make a node nak no subject but a real delivery's, and the
+//! cost of a reclaim is bounded by [`MAX_HELD`] naks per dead node, with
+//! no read of the task records. NATS permissions (`deploy/nats/`) keep
+//! clients off these subjects altogether.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
-use dispatcher_actors::NodeEventName;
+use dispatcher_actors::{NodeEventName, Priority};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -28,8 +36,6 @@ use crate::subjects::Subjects;
 pub const MISSED_HEARTBEATS: u32 = 3;
 /// Ack subjects remembered per node at most (deltas between full lists).
 const MAX_HELD: usize = 100_000;
-/// Records a reclaim reads at most, looking for the dead node's tasks.
-const MAX_RECLAIM_SCAN: usize = 100_000;
 
 /// How often a node publishes its leases when they changed.
 pub const LEASES_EVERY: Duration = Duration::from_millis(200);
@@ -118,6 +124,17 @@ struct Peer {
     gone: bool,
 }
 
+impl Peer {
+    fn new() -> Self {
+        Self {
+            last_seen: Instant::now(),
+            snapshot: Value::Null,
+            held: Vec::new(),
+            gone: false,
+        }
+    }
+}
+
 /// The cluster view: live nodes, their latest figures, reclaims done.
 #[derive(Clone)]
 pub struct Cluster {
@@ -172,16 +189,178 @@ impl Cluster {
         }
         dead
     }
+
+    /// Takes a message on a node subject (`<p>.metrics.<node>`,
+    /// `<p>.leases.<node>`, `<p>.nodes.<node>.online|offline`). Messages
+    /// there are data, never instructions: a node is known only from its
+    /// `online` event or its metrics snapshots, each of which must name
+    /// the node of its subject; leases are kept only for nodes known so,
+    /// and only the ack subjects of this deployment's own consumers.
+    fn take(&self, acks: &AckSubjects, from: &str, msg: &NodeMessage) {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        match msg {
+            NodeMessage::Online => {
+                peers.insert(from.to_owned(), Peer::new());
+            }
+            NodeMessage::Offline => {
+                if let Some(p) = peers.get_mut(from) {
+                    p.gone = true;
+                }
+            }
+            NodeMessage::Snapshot(snapshot) => {
+                let held = acks.keep(strings(&snapshot["held"]));
+                peers.insert(
+                    from.to_owned(),
+                    Peer {
+                        snapshot: snapshot.clone(),
+                        held,
+                        ..Peer::new()
+                    },
+                );
+            }
+            NodeMessage::Leases { held, add } => {
+                let Some(peer) = peers.get_mut(from) else {
+                    return;
+                };
+                if peer.gone {
+                    return;
+                }
+                peer.last_seen = Instant::now();
+                if let Some(held) = held {
+                    peer.held = acks.keep(held.iter().cloned());
+                }
+                peer.held.extend(acks.keep(add.iter().cloned()));
+                if peer.held.len() > MAX_HELD {
+                    let excess = peer.held.len() - MAX_HELD;
+                    peer.held.drain(..excess);
+                }
+            }
+        }
+    }
+}
+
+/// A message on a node subject, read.
+#[derive(Debug)]
+enum NodeMessage {
+    Online,
+    Offline,
+    Snapshot(Value),
+    Leases {
+        held: Option<Vec<String>>,
+        add: Vec<String>,
+    },
+}
+
+/// The body of `<p>.leases.<node>`.
+#[derive(serde::Deserialize)]
+struct LeasesBody {
+    node: String,
+    #[serde(default)]
+    held: Option<Vec<String>>,
+    #[serde(default)]
+    add: Vec<String>,
+}
+
+/// Reads a message on a node subject that came from node `from` (the
+/// subject's token): `None` unless its body names the same node.
+fn read(kind: Source, from: &str, payload: &[u8]) -> Option<NodeMessage> {
+    let names = |node: Option<&str>| node == Some(from);
+    match kind {
+        Source::Metrics => {
+            let snapshot: Value = serde_json::from_slice(payload).ok()?;
+            names(snapshot["node"].as_str()).then_some(NodeMessage::Snapshot(snapshot))
+        }
+        Source::Leases => {
+            let body: LeasesBody = serde_json::from_slice(payload).ok()?;
+            names(Some(&body.node)).then_some(NodeMessage::Leases {
+                held: body.held,
+                add: body.add,
+            })
+        }
+        Source::Online | Source::Offline => {
+            let event: Value = serde_json::from_slice(payload).ok()?;
+            names(event["node"].as_str()).then_some(if kind == Source::Online {
+                NodeMessage::Online
+            } else {
+                NodeMessage::Offline
+            })
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Metrics,
+    Leases,
+    Online,
+    Offline,
+}
+
+fn strings(v: &Value) -> impl Iterator<Item = String> + '_ {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+}
+
+/// Which ack subjects are this deployment's: `$JS.ACK.<stream>.<consumer>.`
+/// followed by the delivery's numbers (and, on newer servers, with a
+/// domain and account hash before the stream), where the stream is this
+/// prefix's task stream and the consumer one a node of it makes
+/// (`<kind>_<priority>`). Nothing else is ever acted on.
+#[derive(Clone, Debug)]
+pub struct AckSubjects {
+    stream: String,
+}
+
+impl AckSubjects {
+    /// The ack subjects of `subjects`' task stream.
+    pub fn new(subjects: &Subjects) -> Self {
+        Self {
+            stream: subjects.stream_tasks(),
+        }
+    }
+
+    /// Whether `ack` is an ack subject of one of this deployment's task
+    /// deliveries.
+    pub fn is_own(&self, ack: &str) -> bool {
+        let Some(rest) = ack.strip_prefix("$JS.ACK.") else {
+            return false;
+        };
+        let tokens: Vec<&str> = rest.split('.').collect();
+        // v1: stream, consumer, delivered, stream seq, consumer seq, time, pending.
+        // v2: domain, account hash, stream, consumer, the five numbers, a token.
+        let (stream, consumer, numbers) = match tokens.len() {
+            7 => (tokens[0], tokens[1], &tokens[2..7]),
+            9 | 10 => (tokens[2], tokens[3], &tokens[4..9]),
+            _ => return false,
+        };
+        let own_consumer = consumer.rsplit_once('_').is_some_and(|(kind, priority)| {
+            dispatcher_actors::task::is_token(kind, dispatcher_actors::task::MAX_KIND_LEN)
+                && Priority::parse(priority).is_some()
+        });
+        stream == self.stream
+            && own_consumer
+            && numbers
+                .iter()
+                .all(|n| !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()))
+    }
+
+    /// The ones of `acks` that are own, at most [`MAX_HELD`].
+    fn keep(&self, acks: impl Iterator<Item = String>) -> Vec<String> {
+        acks.filter(|a| self.is_own(a)).take(MAX_HELD).collect()
+    }
 }
 
 /// Starts watching the cluster; the returned tasks run until aborted.
-/// With `records` (mode `jetstream`) it also reclaims dead nodes' tasks.
+/// With `reclaim` (mode `jetstream`) it also gives a dead node's
+/// deliveries back to the queue.
 pub async fn start(
     client: async_nats::Client,
     subjects: &Subjects,
     me: String,
     interval: Duration,
-    records: Option<kv::Store>,
+    reclaim: bool,
 ) -> Result<(Cluster, Vec<JoinHandle<()>>), async_nats::SubscribeError> {
     let cluster = Cluster {
         me,
@@ -189,6 +368,7 @@ pub async fn start(
         reclaimed: Arc::new(AtomicU64::new(0)),
         interval,
     };
+    let acks = AckSubjects::new(subjects);
     let mut metrics = client.subscribe(subjects.metrics("*")).await?;
     let mut offline = client
         .subscribe(subjects.node_event("*", NodeEventName::Offline))
@@ -198,79 +378,37 @@ pub async fn start(
         .await?;
     let mut leases = client.subscribe(subjects.leases_any()).await?;
     let view = cluster.clone();
+    let node_of = {
+        let subjects = subjects.clone();
+        move |subject: &str| subjects.token(subject, 1).map(str::to_owned)
+    };
     let listen = tokio::spawn(async move {
         loop {
-            tokio::select! {
-                Some(msg) = metrics.next() => {
-                    let Ok(snapshot) = serde_json::from_slice::<Value>(&msg.payload) else { continue };
-                    let Some(node) = snapshot["node"].as_str().map(str::to_owned) else { continue };
-                    let held = snapshot["held"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
-                        .unwrap_or_default();
-                    view.peers.lock().expect("not poisoned").insert(
-                        node,
-                        Peer { last_seen: Instant::now(), snapshot, held, gone: false },
-                    );
-                }
-                Some(msg) = leases.next() => {
-                    // A full list (`held`) replaces; a delta (`add`) adds.
-                    let Ok(body) = serde_json::from_slice::<Value>(&msg.payload) else { continue };
-                    let Some(node) = body["node"].as_str() else { continue };
-                    let strings = |v: &Value| -> Vec<String> {
-                        v.as_array()
-                            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
-                            .unwrap_or_default()
-                    };
-                    let mut peers = view.peers.lock().expect("not poisoned");
-                    let peer = peers.entry(node.to_owned()).or_insert_with(|| Peer {
-                        last_seen: Instant::now(),
-                        snapshot: Value::Null,
-                        held: Vec::new(),
-                        gone: false,
-                    });
-                    peer.last_seen = Instant::now();
-                    if body.get("held").is_some() {
-                        peer.held = strings(&body["held"]);
-                    }
-                    peer.held.extend(strings(&body["add"]));
-                    if peer.held.len() > MAX_HELD {
-                        let excess = peer.held.len() - MAX_HELD;
-                        peer.held.drain(..excess);
-                    }
-                }
-                Some(msg) = online.next() => {
-                    // Known from its first breath, before its first snapshot.
-                    let Ok(event) = serde_json::from_slice::<Value>(&msg.payload) else { continue };
-                    let Some(node) = event["node"].as_str() else { continue };
-                    view.peers.lock().expect("not poisoned").insert(
-                        node.to_owned(),
-                        Peer { last_seen: Instant::now(), snapshot: Value::Null, held: Vec::new(), gone: false },
-                    );
-                }
-                Some(msg) = offline.next() => {
-                    if let Ok(event) = serde_json::from_slice::<Value>(&msg.payload) {
-                        if let Some(node) = event["node"].as_str() {
-                            if let Some(p) = view.peers.lock().expect("not poisoned").get_mut(node) {
-                                p.gone = true;
-                            }
-                        }
-                    }
-                }
+            let (source, msg) = tokio::select! {
+                Some(msg) = metrics.next() => (Source::Metrics, msg),
+                Some(msg) = leases.next() => (Source::Leases, msg),
+                Some(msg) = online.next() => (Source::Online, msg),
+                Some(msg) = offline.next() => (Source::Offline, msg),
                 else => return,
+            };
+            let Some(from) = node_of(msg.subject.as_str()) else {
+                continue;
+            };
+            if let Some(read) = read(source, &from, &msg.payload) {
+                view.take(&acks, &from, &read);
             }
         }
     });
-    let Some(records) = records else {
+    if !reclaim {
         return Ok((cluster, vec![listen]));
-    };
+    }
     let view = cluster.clone();
     let watchdog = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         loop {
             tick.tick().await;
             for (node, held) in view.dead_to_reclaim() {
-                let n = reclaim(&client, &records, &node, held).await;
+                let n = give_back(&client, held).await;
                 view.reclaimed.fetch_add(n, Ordering::Relaxed);
                 info!(node = %node, naked = n, "Node missed {MISSED_HEARTBEATS} heartbeats; its tasks go back to the queue.");
             }
@@ -279,35 +417,10 @@ pub async fn start(
     Ok((cluster, vec![listen, watchdog]))
 }
 
-/// Naks every delivery `node` held: from its last snapshot, and from the
-/// records of tasks it was running. Answers how many naks went out.
-async fn reclaim(
-    client: &async_nats::Client,
-    records: &kv::Store,
-    node: &str,
-    held: Vec<String>,
-) -> u64 {
-    let mut acks: std::collections::BTreeSet<String> = held.into_iter().collect();
-    match records.keys().await {
-        Ok(keys) => {
-            let found: Vec<String> = keys
-                .take(MAX_RECLAIM_SCAN)
-                .filter_map(|k| async move { k.ok() })
-                .map(|key| async move { records.get(key).await.ok().flatten() })
-                .buffer_unordered(64)
-                .filter_map(|bytes| async move {
-                    let r: Value = serde_json::from_slice(&bytes?).ok()?;
-                    let running = r["status"] == "running";
-                    (running && r["node"] == node)
-                        .then(|| r["ack"].as_str().map(str::to_owned))
-                        .flatten()
-                })
-                .collect()
-                .await;
-            acks.extend(found);
-        }
-        Err(e) => warn!(error = %e, "Records not scanned for a dead node's tasks."),
-    }
+/// Naks every delivery a dead node held (ack subjects checked on the way
+/// in, at most [`MAX_HELD`]). Answers how many naks went out.
+async fn give_back(client: &async_nats::Client, held: Vec<String>) -> u64 {
+    let acks: std::collections::BTreeSet<String> = held.into_iter().collect();
     let mut naked = 0;
     for ack in acks {
         if client.publish(ack, "-NAK".into()).await.is_ok() {
@@ -316,4 +429,63 @@ async fn reclaim(
     }
     let _ = client.flush().await;
     naked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_own_ack_subjects_are_kept() {
+        let acks = AckSubjects::new(&Subjects::default());
+        assert!(acks.is_own("$JS.ACK.DISPATCH_TASKS.echo_normal.1.22.3.1700000000000000000.0"));
+        assert!(acks.is_own(
+            "$JS.ACK.hub.ACCHASH.DISPATCH_TASKS.echo_low.1.22.3.1700000000000000000.0.abc"
+        ));
+        for bad in [
+            "evil.subject",
+            "otherprefix.api.cancel",
+            "$KV.dispatch_cancels.t1",
+            "$KV.dispatch_tasks.t1",
+            "$JS.ACK.OTHER_TASKS.echo_normal.1.22.3.1700000000000000000.0",
+            "$JS.ACK.DISPATCH_TASKS.echo_urgent.1.22.3.1700000000000000000.0",
+            "$JS.ACK.DISPATCH_TASKS.echo_normal.1.x.3.1700000000000000000.0",
+            "$JS.ACK.DISPATCH_TASKS.echo_normal.1.22.3",
+            "$JS.ACK.DISPATCH_TASKS.echo_normal.1.22.3.4.5.>",
+        ] {
+            assert!(!acks.is_own(bad), "{bad}");
+        }
+    }
+
+    fn cluster() -> Cluster {
+        Cluster {
+            me: "me".into(),
+            peers: Arc::new(Mutex::new(BTreeMap::new())),
+            reclaimed: Arc::new(AtomicU64::new(0)),
+            interval: Duration::from_millis(1),
+        }
+    }
+
+    #[test]
+    fn leases_of_unknown_nodes_and_bodies_naming_others_are_ignored() {
+        let c = cluster();
+        let acks = AckSubjects::new(&Subjects::default());
+        let own = "$JS.ACK.DISPATCH_TASKS.echo_normal.1.22.3.1700000000000000000.0";
+        let lease = format!(r#"{{"node": "ghost", "add": ["evil.subject", "{own}"]}}"#);
+        if let Some(m) = read(Source::Leases, "ghost", lease.as_bytes()) {
+            c.take(&acks, "ghost", &m);
+        }
+        assert!(c.peers.lock().unwrap().is_empty(), "a lease makes no node");
+        // A body that names another node than its subject is not read.
+        assert!(read(Source::Online, "a", br#"{"node": "b"}"#).is_none());
+        let online = read(Source::Online, "real", br#"{"node": "real"}"#).unwrap();
+        c.take(&acks, "real", &online);
+        let lease = format!(r#"{{"node": "real", "add": ["evil.subject", "{own}"]}}"#);
+        let m = read(Source::Leases, "real", lease.as_bytes()).unwrap();
+        c.take(&acks, "real", &m);
+        assert_eq!(c.peers.lock().unwrap()["real"].held, vec![own.to_owned()]);
+        std::thread::sleep(Duration::from_millis(5));
+        let dead = c.dead_to_reclaim();
+        assert_eq!(dead, vec![("real".to_owned(), vec![own.to_owned()])]);
+    }
 }

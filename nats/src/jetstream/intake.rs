@@ -1,32 +1,66 @@
 //! What a delivered task message becomes: a task for the actors, with its
-//! delivery, or, when it is invalid, cancelled, or out of attempts, a
-//! delivery settled here with the event that says why.
+//! delivery, or, when it is invalid, forged, cancelled, or out of
+//! attempts, a delivery settled here with the event that says why.
+//!
+//! A message is read by [`Reader::queued`], the same function the gateway
+//! checked it with. One that cannot be read is poison: it is terminated
+//! on its first delivery and copied to the dead-letter stream with the
+//! reason, and it never reaches the actors.
+//!
+//! A readable message runs only if the task's KV record belongs to it: the
+//! record names the digest of the body it was stored with. With no record
+//! (a task published straight to the queue) the node creates one first,
+//! create-if-absent, so two messages with one id cannot both claim it. A
+//! message whose id has a record for another body, or whose task has
+//! finished, is refused with `duplicate_id` and never runs: re-running a
+//! finished task is the `replay` API's job.
 
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation};
 use async_nats::jetstream::Message;
 use dispatcher_actors::{
-    DeliveryHandle, Dispatcher, ErrorCode, ErrorInfo, EventBody, Priority, Settlement, Task,
-    TaskRecord, TaskStatus,
+    DeliveryHandle, Dispatcher, ErrorCode, ErrorInfo, EventBody, Settlement, Task, TaskRecord,
+    TaskStatus,
 };
+use tracing::warn;
 
 use super::cancels::PendingCancels;
 use super::delivery::{DeliveryContext, JsDelivery};
 use super::records::RecordMirror;
-use crate::codec::{Codec, Decoded, Limits};
-use crate::subjects::{Subjects, HEADER_ACCEPTED, HEADER_CONTENT_TYPE, HEADER_REPLAY};
+use crate::inbound::{digest, Reader, Refusal};
+use crate::subjects::{HEADER_ACCEPTED, HEADER_CONTENT_TYPE, HEADER_REPLAY};
+
+/// How long a delivery whose record could not be read waits before it is
+/// offered again.
+const UNVERIFIED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads delivered messages for the pull loop.
 pub(super) struct Intake {
-    pub(super) subjects: Subjects,
+    pub(super) reader: Reader,
     pub(super) dispatcher: Dispatcher,
-    pub(super) limits: Limits,
     pub(super) ctx: DeliveryContext,
     pub(super) cancels: PendingCancels,
     pub(super) mirror: RecordMirror,
+    pub(super) records: kv::Store,
+}
+
+/// Whether a message may run, by the task's record.
+enum Claim {
+    /// The record is this message's and the task is not over; `created`
+    /// when this node made the record (the task was published straight
+    /// to the queue).
+    Run { created: bool },
+    /// The record is this message's, and the task is over: a delivery of
+    /// work already done.
+    Over,
+    /// The record belongs to another message.
+    Forged(String),
+    /// The record could not be read or made.
+    Unverified(String),
 }
 
 impl Intake {
     /// Hands one delivered message to the actors, or settles it here when
-    /// it is invalid, cancelled, or out of attempts.
+    /// it is invalid, forged, cancelled, or out of attempts.
     pub(super) async fn take(&self, msg: Message) -> Option<(Task, DeliveryHandle, bool)> {
         let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
         let ack = msg
@@ -35,21 +69,13 @@ impl Intake {
             .map(|r| r.to_string())
             .unwrap_or_default();
         let (msg, acker) = msg.split();
-        let kind = self.subjects.token(&msg.subject, 1).map(str::to_owned);
-        let priority = self
-            .subjects
-            .token(&msg.subject, 2)
-            .and_then(Priority::parse);
+        let subject = msg.subject.as_str();
         let header = |name: &str| {
             msg.headers
                 .as_ref()
                 .and_then(|h| h.get(name))
                 .map(|v| v.as_str().to_owned())
         };
-        let accepted_before = header(HEADER_ACCEPTED).is_some();
-        let replay = header(HEADER_REPLAY).is_some();
-        let decoded = Codec::from_content_type(header(HEADER_CONTENT_TYPE).as_deref())
-            .and_then(|c| c.decode(&msg.payload, &self.limits));
         let delivery = |id: &str, kind: &str| {
             JsDelivery::new(
                 acker,
@@ -61,47 +87,15 @@ impl Intake {
                 msg.payload.clone(),
             )
         };
-        let mut spec = match decoded {
-            Ok(Decoded::One(spec)) => *spec,
-            Ok(Decoded::Batch(_)) => {
-                let info = ErrorInfo::new(
-                    ErrorCode::InvalidJson,
-                    "one task per message on the queue; send batches to the submit subject",
-                );
-                self.dispatcher.reject(None, kind.as_deref(), info);
-                delivery("_", "_").terminate();
-                return None;
-            }
-            Err(e) => {
-                self.dispatcher.reject(None, kind.as_deref(), e.to_info());
-                delivery("_", "_").terminate();
-                return None;
-            }
-        };
-        let priority = priority.expect("consumers filter on valid priorities");
-        if let Some(p) = spec.priority.as_deref().filter(|p| *p != priority.as_str()) {
-            let info = ErrorInfo::field(
-                ErrorCode::InvalidField,
-                "priority",
-                format!(
-                    "priority {p:?} in the body differs from priority {:?} of the subject",
-                    priority.as_str()
-                ),
-            );
-            self.dispatcher
-                .reject(spec.id.as_deref(), kind.as_deref(), info);
-            delivery("_", "_").terminate();
-            return None;
-        }
-        spec.priority = Some(priority.as_str().to_owned());
-        // Only the id is kept for a refusal: the payload is not copied.
-        let spec_id = spec.id.clone();
-        let mut task = match self.dispatcher.validate(spec, kind.as_deref()) {
+        let read = self.reader.queued(
+            subject,
+            header(HEADER_CONTENT_TYPE).as_deref(),
+            &msg.payload,
+        );
+        let mut task = match read {
             Ok(task) => task,
-            Err(info) => {
-                self.dispatcher
-                    .reject(spec_id.as_deref(), kind.as_deref(), info);
-                delivery("_", "_").terminate();
+            Err(refusal) => {
+                self.poison(subject, &refusal, &msg.payload, delivery);
                 return None;
             }
         };
@@ -118,6 +112,30 @@ impl Intake {
             delivery(&id, &kind).settle_now(Settlement::Done(TaskStatus::Cancelled, None));
             return None;
         }
+        let accepted = header(HEADER_ACCEPTED).is_some();
+        let created = match self.claim(&task, &msg.payload, accepted).await {
+            Claim::Run { created } => created,
+            Claim::Over => {
+                // Done already (its ack was lost, or it was settled while
+                // this copy was on its way): removed, nothing to say.
+                delivery(&id, &kind).terminate();
+                return None;
+            }
+            Claim::Forged(why) => {
+                let error = ErrorInfo::field(ErrorCode::DuplicateId, "id", why);
+                self.dispatcher
+                    .reject_message(subject, Some(&id), Some(&kind), error);
+                delivery(&id, &kind).terminate();
+                return None;
+            }
+            Claim::Unverified(why) => {
+                warn!(task_id = %id, error = %why, "Task record not read; the delivery is offered again.");
+                delivery(&id, &kind).settle_now(Settlement::Retry {
+                    delay: UNVERIFIED_RETRY,
+                });
+                return None;
+            }
+        };
         if delivered > task.max_attempts {
             // Delivered again after its last attempt began: the node that
             // held it stopped before it ended.
@@ -140,17 +158,139 @@ impl Intake {
             delivery(&id, &kind).settle_now(Settlement::Done(TaskStatus::Failed, Some(error)));
             return None;
         }
-        if replay && delivered == 1 {
+        if header(HEADER_REPLAY).is_some() && delivered == 1 {
+            // Its record was reset by the replay API (the claim checked
+            // that it is this message's): run it here even if this node
+            // ran it before.
             self.dispatcher.forget_finished(&task.id).await;
         }
-        let emit_accepted = delivered == 1 && !accepted_before;
-        if emit_accepted {
-            // Published straight to the queue: no record yet.
-            let mut record = TaskRecord::queued(&task, self.dispatcher.node());
-            record.node = None;
-            self.mirror.seed(record, None);
-        }
         let handle = DeliveryHandle::new(delivery(&id, &kind));
-        Some((task, handle, emit_accepted))
+        Some((task, handle, created))
+    }
+
+    /// A message that is not a valid task: a `rejected` event that names
+    /// its subject, a copy in the dead-letter stream with the reason, and
+    /// a term, all on its first delivery. If a record was stored for this
+    /// very body (by a gateway whose limits differ from this node's), it
+    /// ends `failed` with the reason instead of waiting forever.
+    fn poison(
+        &self,
+        subject: &str,
+        refusal: &Refusal,
+        body: &[u8],
+        delivery: impl FnOnce(&str, &str) -> JsDelivery,
+    ) {
+        self.dispatcher.reject_message(
+            subject,
+            refusal.id.as_deref(),
+            refusal.kind.as_deref(),
+            refusal.error.clone(),
+        );
+        let id = refusal
+            .id
+            .as_deref()
+            .filter(|id| dispatcher_actors::TaskId::new(*id).is_ok())
+            .map(str::to_owned);
+        let kind = self
+            .reader
+            .subjects()
+            .token(subject, 1)
+            .unwrap_or("_")
+            .to_owned();
+        let letter_id = id
+            .clone()
+            .unwrap_or_else(|| dispatcher_actors::TaskId::generate().as_str().to_owned());
+        delivery(&letter_id, &kind).settle_now(Settlement::Done(
+            TaskStatus::Failed,
+            Some(refusal.error.clone()),
+        ));
+        if let Some(id) = id {
+            let records = self.records.clone();
+            let error = refusal.error.clone();
+            let body_digest = digest(body);
+            tokio::spawn(async move { fail_own_record(&records, &id, &body_digest, error).await });
+        }
+    }
+
+    /// Reads (or creates) the task's record and says whether this message
+    /// may run it. A record found is handed to the mirror with its
+    /// revision, so that the next write needs no read.
+    async fn claim(&self, task: &Task, body: &[u8], accepted: bool) -> Claim {
+        let id = task.id.as_str();
+        let body_digest = digest(body);
+        for _ in 0..3 {
+            let entry = match self.records.entry(id).await {
+                Ok(entry) => entry,
+                Err(e) => return Claim::Unverified(e.to_string()),
+            };
+            match entry {
+                Some(entry) if entry.operation == Operation::Put => {
+                    let Ok(record) = serde_json::from_slice::<TaskRecord>(&entry.value) else {
+                        return Claim::Forged(format!(
+                            "task {id} has a record that is not a task record"
+                        ));
+                    };
+                    // Records written before digests existed belong to the
+                    // message the gateway stored.
+                    let own = match record.digest.as_deref() {
+                        Some(d) => d == body_digest,
+                        None => accepted,
+                    };
+                    if !own {
+                        return Claim::Forged(format!(
+                            "task {id} exists already with another body; a task id runs once"
+                        ));
+                    }
+                    if record.status.is_final() {
+                        return Claim::Over;
+                    }
+                    self.mirror.seed(record, Some(entry.revision));
+                    return Claim::Run { created: false };
+                }
+                _ => {
+                    let mut record = TaskRecord::queued(task, self.dispatcher.node());
+                    record.node = None;
+                    record.digest = Some(body_digest.clone());
+                    let value = match serde_json::to_vec(&record) {
+                        Ok(value) => value,
+                        Err(e) => return Claim::Unverified(e.to_string()),
+                    };
+                    match self.records.create(id, value.into()).await {
+                        Ok(revision) => {
+                            self.mirror.seed(record, Some(revision));
+                            return Claim::Run { created: true };
+                        }
+                        // Another message with this id claimed it first:
+                        // read what it wrote.
+                        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
+                        Err(e) => return Claim::Unverified(e.to_string()),
+                    }
+                }
+            }
+        }
+        Claim::Unverified(format!("the record of task {id} kept changing"))
+    }
+}
+
+/// Ends the record of task `id` `failed` with `error`, if it was stored
+/// for the body with `body_digest` and is not over.
+async fn fail_own_record(records: &kv::Store, id: &str, body_digest: &str, error: ErrorInfo) {
+    let Ok(Some(entry)) = records.entry(id).await else {
+        return;
+    };
+    let Ok(mut record) = serde_json::from_slice::<TaskRecord>(&entry.value) else {
+        return;
+    };
+    if record.digest.as_deref() != Some(body_digest) || record.status.is_final() {
+        return;
+    }
+    record.status = TaskStatus::Failed;
+    record.finished_at = Some(dispatcher_actors::Timestamp::now());
+    record.error = Some(error);
+    let Ok(value) = serde_json::to_vec(&record) else {
+        return;
+    };
+    if let Err(e) = records.update(id, value.into(), entry.revision).await {
+        warn!(task_id = %id, error = %e, "Record of a refused task not ended.");
     }
 }

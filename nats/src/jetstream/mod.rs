@@ -12,6 +12,7 @@
 //! - [`delivery`]: the actors' [`Delivery`](dispatcher_actors::Delivery) on a
 //!   JetStream message: in-progress, ack, nak with delay, term, dead letter.
 //! - [`records`]: the KV mirror of task records, fenced by revision.
+//! - [`replay`]: the `replay` API: a dead task runs again.
 //! - [`cancels`]: cancel requests for tasks no node (or another node) holds.
 //! - [`cluster`]: the live nodes, and fast reclaim of a dead node's tasks.
 
@@ -21,6 +22,7 @@ pub mod delivery;
 mod intake;
 pub mod pull;
 pub mod records;
+pub mod replay;
 pub mod setup;
 pub mod store;
 
@@ -44,6 +46,12 @@ pub struct JetStreamOptions {
     pub ack_wait: Duration,
     /// Unacknowledged deliveries per consumer across all nodes (10 000).
     pub max_ack_pending: i64,
+    /// Deliveries of one message at most (200), a bound on a message that
+    /// takes down every node that pulls it in a way no check catches; past
+    /// it the server stops delivering it. Invalid messages are removed on
+    /// their first delivery, and a task's own attempts stop at its
+    /// `max_attempts` long before.
+    pub max_deliveries: i64,
     /// How long a consumer's waiting pull lasts at the server before it is
     /// renewed (5 s). The server pushes a task, new or redelivered, to a
     /// waiting pull at once.
@@ -67,6 +75,7 @@ impl Default for JetStreamOptions {
             duplicate_window: Duration::from_secs(120),
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 10_000,
+            max_deliveries: 200,
             idle_poll: Duration::from_secs(5),
             fetch_batch: 256,
             record_linger: Duration::from_millis(50),

@@ -27,6 +27,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::Message;
 use async_nats::StatusCode;
 use dispatcher_actors::{Dispatcher, Priority, SubmitOptions};
+use futures::future::join_all;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -39,6 +40,7 @@ use super::intake::Intake;
 use super::records::RecordMirror;
 use super::{Durable, JetStreamOptions};
 use crate::codec::Limits;
+use crate::inbound::Reader;
 use crate::subjects::Subjects;
 
 /// How long past its end a pull may go without an answer before it is
@@ -110,7 +112,7 @@ pub async fn start(
                         filter_subject: filter.clone(),
                         ack_policy: AckPolicy::Explicit,
                         ack_wait: options.ack_wait,
-                        max_deliver: -1,
+                        max_deliver: options.max_deliveries,
                         max_ack_pending: options.max_ack_pending,
                         ..Default::default()
                     },
@@ -123,6 +125,14 @@ pub async fn start(
                 .info()
                 .await
                 .map_err(|e| PullError(format!("reading consumer {name}: {e}")))?;
+            if info.config.max_deliver != options.max_deliveries {
+                // Made by an older node without a delivery bound: update it.
+                let mut config = info.config.clone();
+                config.max_deliver = options.max_deliveries;
+                if let Err(e) = durable.tasks.create_consumer(config).await {
+                    warn!(consumer = %name, error = %e, "Delivery bound of the consumer not updated.");
+                }
+            }
             if info.config.filter_subject != filter {
                 return Err(PullError(format!(
                     "consumer {name} filters {:?}, not {filter:?}: delete it \
@@ -148,12 +158,12 @@ pub async fn start(
     let puller = Puller {
         leases: subjects.leases(dispatcher.node().as_str()),
         intake: Intake {
-            subjects,
+            reader: Reader::new(subjects, limits, dispatcher.config().defaults),
             dispatcher: dispatcher.clone(),
-            limits,
             ctx,
             cancels,
             mirror,
+            records: durable.records.clone(),
         },
         js: durable.js.clone(),
         client,
@@ -419,13 +429,13 @@ impl Puller {
         }
         self.announce_leases(&messages).await;
         let (mut fresh, mut known) = (Vec::new(), Vec::new());
-        for msg in messages {
-            if let Some((task, handle, emit)) = self.intake.take(msg).await {
-                if emit {
-                    fresh.push((task, handle));
-                } else {
-                    known.push((task, handle));
-                }
+        // Each is checked against its record; the checks go out together.
+        let taken = join_all(messages.into_iter().map(|msg| self.intake.take(msg))).await;
+        for (task, handle, emit) in taken.into_iter().flatten() {
+            if emit {
+                fresh.push((task, handle));
+            } else {
+                known.push((task, handle));
             }
         }
         for (batch, emit_accepted) in [(fresh, true), (known, false)] {

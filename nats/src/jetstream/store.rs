@@ -6,6 +6,7 @@
 
 use async_nats::jetstream::kv::CreateErrorKind;
 use async_nats::HeaderMap;
+use bytes::Bytes;
 use dispatcher_actors::{
     DispatchError, Dispatcher, EventBody, Submitted, Task, TaskRecord, TaskStatus,
 };
@@ -14,6 +15,7 @@ use tracing::warn;
 
 use super::records::RecordMirror;
 use super::Durable;
+use crate::inbound::digest;
 use crate::subjects::{
     Subjects, CONTENT_TYPE_JSON, HEADER_ACCEPTED, HEADER_CONTENT_TYPE, HEADER_MSG_ID,
 };
@@ -47,14 +49,19 @@ impl DurableStore {
         }
     }
 
-    /// Stores each task; answers in the same order. Every refusal also
-    /// goes out as a `rejected` event.
-    pub async fn submit(&self, tasks: Vec<Task>) -> Vec<Result<Submitted, DispatchError>> {
-        join_all(tasks.into_iter().map(|t| self.one(t))).await
+    /// Stores each task with its body (from
+    /// [`Reader::stored_body`](crate::inbound::Reader::stored_body));
+    /// answers in the same order. Every refusal also goes out as a
+    /// `rejected` event.
+    pub async fn submit(
+        &self,
+        tasks: Vec<(Task, Vec<u8>)>,
+    ) -> Vec<Result<Submitted, DispatchError>> {
+        join_all(tasks.into_iter().map(|(t, body)| self.one(t, body))).await
     }
 
-    async fn one(&self, task: Task) -> Result<Submitted, DispatchError> {
-        let result = self.store(&task).await;
+    async fn one(&self, task: Task, body: Vec<u8>) -> Result<Submitted, DispatchError> {
+        let result = self.store(&task, body.into()).await;
         match &result {
             Ok(_) => self.dispatcher.announce(
                 &task,
@@ -71,16 +78,17 @@ impl DurableStore {
         result
     }
 
-    async fn store(&self, task: &Task) -> Result<Submitted, DispatchError> {
+    async fn store(&self, task: &Task, body: Bytes) -> Result<Submitted, DispatchError> {
         let id = task.id.as_str();
         let mut record = TaskRecord::queued(task, self.dispatcher.node());
         record.node = None;
+        record.digest = Some(digest(&body));
         let value = serde_json::to_vec(&record).map_err(|e| internal(&e))?;
         match self.durable.records.create(id, value.into()).await {
             // If this node runs it, its first write needs no read.
             Ok(revision) => self.mirror.seed(record, Some(revision)),
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                return self.again(task).await;
+                return self.again(task, body).await;
             }
             Err(e) => {
                 return Err(DispatchError::Unavailable(format!(
@@ -88,7 +96,7 @@ impl DurableStore {
                 )))
             }
         }
-        let stored = self.publish(task).await;
+        let stored = self.publish(task, body).await;
         if let Err(e) = stored {
             // Free the id so that the client may try again.
             if let Err(del) = self.durable.records.delete(id).await {
@@ -110,12 +118,11 @@ impl DurableStore {
     /// Publishes the task with `Nats-Msg-Id` = its id, retried with the
     /// same id (a retry of a publish that was stored after all is dropped
     /// as a duplicate). Answers whether JetStream had it already.
-    async fn publish(&self, task: &Task) -> Result<bool, String> {
+    async fn publish(&self, task: &Task, body: Bytes) -> Result<bool, String> {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_MSG_ID, task.id.as_str());
         headers.insert(HEADER_CONTENT_TYPE, CONTENT_TYPE_JSON);
         headers.insert(HEADER_ACCEPTED, "1");
-        let body = serde_json::to_vec(&task.to_spec()).map_err(|e| e.to_string())?;
         let subject = self.subjects.task(task.kind.as_str(), task.priority);
         let mut last = String::new();
         let mut pause = std::time::Duration::from_millis(100);
@@ -123,7 +130,7 @@ impl DurableStore {
             let stored = match self
                 .durable
                 .js
-                .publish_with_headers(subject.clone(), headers.clone(), body.clone().into())
+                .publish_with_headers(subject.clone(), headers.clone(), body.clone())
                 .await
             {
                 Ok(ack) => ack.await.map(|a| a.duplicate).map_err(|e| e.to_string()),
@@ -145,7 +152,7 @@ impl DurableStore {
     /// task that was never queued: if the record is still `queued` and
     /// younger than the duplicate window, the task is published again
     /// with the same `Nats-Msg-Id`, and JetStream says whether it had it.
-    async fn again(&self, task: &Task) -> Result<Submitted, DispatchError> {
+    async fn again(&self, task: &Task, body: Bytes) -> Result<Submitted, DispatchError> {
         let duplicate = || Err(DispatchError::DuplicateId(task.id.clone()));
         let Ok(Some(bytes)) = self.durable.records.get(task.id.as_str()).await else {
             return duplicate();
@@ -156,12 +163,16 @@ impl DurableStore {
         let age_ms = record
             .created_at
             .ms_until(dispatcher_actors::Timestamp::now());
+        // Only the very same body may be published again: the record
+        // names it (records written before digests existed name none).
+        let same_body = record.digest.as_deref().is_none_or(|d| d == digest(&body));
         if record.status != TaskStatus::Queued
             || u128::from(age_ms) >= self.duplicate_window.as_millis()
+            || !same_body
         {
             return duplicate();
         }
-        match self.publish(task).await {
+        match self.publish(task, body).await {
             Ok(false) => Ok(Submitted {
                 id: task.id.clone(),
                 kind: task.kind.clone(),

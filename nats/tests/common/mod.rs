@@ -55,3 +55,22 @@ pub async fn next_json(sub: &mut async_nats::Subscriber) -> (String, Value) {
         serde_json::from_slice(&msg.payload).unwrap(),
     )
 }
+
+/// Polls `probe` until it answers `Some`, for at most `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "condition not met within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
