@@ -355,8 +355,9 @@ async fn a_client_can_do_every_documented_workflow() {
     assert!(typed.stats().await.unwrap().completed >= 2);
 
     client.assert_no_violations();
-    assert_node_never_refused(&server);
+    // The node's shutdown too: hand-backs, the last records, `offline`.
     node.shutdown().await;
+    assert_node_never_refused(&server);
 }
 
 #[actix::test]
@@ -593,8 +594,8 @@ async fn a_client_is_refused_every_privileged_subject_and_changes_nothing() {
     assert!(records.get("sneak-2").await.unwrap().is_none());
     // The refusals are in the server's log, under the client's name.
     assert!(logged_violations(&server, "client").len() >= attacks.len());
-    assert_node_never_refused(&server);
     node.shutdown().await;
+    assert_node_never_refused(&server);
 }
 
 #[actix::test]
@@ -644,8 +645,8 @@ async fn a_producer_may_use_the_direct_queue_and_an_admin_may_call_replay() {
         .refused_publish("dispatch.tasks.echo.normal", json!({"id": "direct-2"}))
         .await;
 
-    assert_node_never_refused(&server);
     node.shutdown().await;
+    assert_node_never_refused(&server);
 }
 
 #[actix::test]
@@ -673,8 +674,8 @@ async fn a_core_mode_node_runs_under_the_node_permissions() {
         .refused_publish("dispatch.tasks.echo.normal", json!({"id": "c3"}))
         .await;
 
-    assert_node_never_refused(&server);
     node.shutdown().await;
+    assert_node_never_refused(&server);
 }
 
 #[actix::test]
@@ -716,6 +717,6 @@ async fn the_prefix_script_gives_a_working_configuration_for_another_prefix() {
     client
         .refused_publish("$KV.acme_jobs_tasks.a1", json!({}))
         .await;
-    assert_node_never_refused(&server);
     node.shutdown().await;
+    assert_node_never_refused(&server);
 }
