@@ -12,7 +12,8 @@
 //! - [`gateway`]: the submit gateway.
 //! - [`ingest`]: tasks published straight onto the queue (mode `core`).
 //! - [`jetstream`]: mode `jetstream`: streams, pull consumers, deliveries, KV records.
-//! - [`local_server`]: a private `nats-server` for tests and the demo.
+//! - [`local_server`]: a private `nats-server` for tests and the demo, also
+//!   from a configuration file (accounts, users, permissions).
 //! - [`client`]: the typed Rust client: submit, follow events, control API.
 //!
 #![warn(missing_docs)]

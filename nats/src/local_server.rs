@@ -1,7 +1,9 @@
 //! [`LocalServer`]: a private `nats-server` with JetStream, on a free
 //! loopback port with its own store directory, stopped and removed on drop.
 //! Integration tests and `dispatcher demo` use it; it never touches a
-//! server already running on the machine.
+//! server already running on the machine. [`LocalServer::start_with_config`]
+//! runs it with a configuration file (accounts, users, permissions), still on
+//! its own port and store: the command-line flags win over the file.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -14,6 +16,11 @@ use tempfile::TempDir;
 const START_DEADLINE: Duration = Duration::from_secs(10);
 /// Ports tried before giving up when another process takes ours first.
 const PORT_ATTEMPTS: usize = 5;
+/// Where [`LocalServer::start_with_config`] writes the configuration, in
+/// the store directory.
+const CONFIG_FILE: &str = "nats-server.conf";
+/// Where a server started with a configuration logs, in the store directory.
+const LOG_FILE: &str = "nats-server.log";
 
 /// Why a private server could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +34,9 @@ pub enum LocalServerError {
     /// Starting or talking to the process failed.
     #[error("starting nats-server: {0}")]
     Io(#[from] std::io::Error),
+    /// The configuration file was refused (`nats-server -t` says why).
+    #[error("nats-server refused the configuration: {0}")]
+    Config(String),
     /// The server never accepted connections.
     #[error("nats-server did not accept connections on port {port} within {START_DEADLINE:?}")]
     NotReady {
@@ -50,20 +60,69 @@ impl LocalServer {
     /// Starts a server with JetStream on a free port of 127.0.0.1 and waits
     /// until it accepts connections.
     pub fn start() -> Result<Self, LocalServerError> {
-        let binary = find_binary().ok_or(LocalServerError::NotInstalled)?;
         let store = TempDir::new()?;
+        Self::start_in(store, Vec::new())
+    }
+
+    /// Starts a server like [`LocalServer::start`] from the configuration
+    /// `config` (the text of a nats-server configuration file, e.g.
+    /// `deploy/nats/dispatch.conf`), with JetStream on. The file's `listen`
+    /// and `server_name` are overridden by the launcher's flags (a free
+    /// loopback port, a name of its own), and its `store_dir` lines are
+    /// left out for the launcher's private store (nats-server 2.9 refuses a
+    /// store directory given both ways), so a file written for production
+    /// runs here unchanged and never touches the machine's own store. A
+    /// `store_dir` that is not alone on its line is refused. The server
+    /// logs to a file in its store: [`LocalServer::log`].
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let conf = std::fs::read_to_string("deploy/nats/dispatch.conf")?
+    ///     .replace("CHANGE_ME_NODE_PASSWORD", "node-secret");
+    /// let server = dispatcher_nats::LocalServer::start_with_config(&conf)?;
+    /// println!("{}", server.url());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn start_with_config(config: &str) -> Result<Self, LocalServerError> {
+        let store = TempDir::new()?;
+        let file = store.path().join(CONFIG_FILE);
+        std::fs::write(&file, without_store_dir(config)?)?;
+        let check = Command::new(find_binary().ok_or(LocalServerError::NotInstalled)?)
+            .arg("-t")
+            .arg("-c")
+            .arg(&file)
+            .stdin(Stdio::null())
+            .output()?;
+        if !check.status.success() {
+            let said = [check.stderr, check.stdout].concat();
+            return Err(LocalServerError::Config(
+                String::from_utf8_lossy(&said).trim().to_owned(),
+            ));
+        }
+        let extra = vec![
+            "-c".to_owned(),
+            file.display().to_string(),
+            "-l".to_owned(),
+            store.path().join(LOG_FILE).display().to_string(),
+        ];
+        Self::start_in(store, extra)
+    }
+
+    fn start_in(store: TempDir, extra: Vec<String>) -> Result<Self, LocalServerError> {
+        let binary = find_binary().ok_or(LocalServerError::NotInstalled)?;
         let mut last = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port()?;
-            let mut child = spawn(&binary, port, &store, &[])?;
-            match wait_ready(&mut child, port, &[]) {
+            let mut child = spawn(&binary, port, &store, &extra)?;
+            match wait_ready(&mut child, port, &extra) {
                 Ok(()) => {
                     return Ok(Self {
                         child,
                         port,
                         binary,
                         store,
-                        extra: Vec::new(),
+                        extra,
                     })
                 }
                 // Someone took the port between our probe and the start.
@@ -107,6 +166,13 @@ impl LocalServer {
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// What the server logged so far, for a server started with
+    /// [`LocalServer::start_with_config`] (empty otherwise): permission
+    /// violations are logged there with the user's name.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.store.path().join(LOG_FILE)).unwrap_or_default()
     }
 
     /// Stops the server and starts it again on the same port with the same
@@ -168,6 +234,32 @@ fn start_cluster(binary: &PathBuf, n: usize) -> Result<Vec<LocalServer>, LocalSe
         wait_ready(&mut server.child, server.port, &server.extra)?;
     }
     Ok(servers)
+}
+
+/// `config` with its `store_dir` lines commented out, so that the
+/// launcher's `-sd` is the only store directory; an error if a `store_dir`
+/// shares its line with something else (it could not be left out alone).
+fn without_store_dir(config: &str) -> Result<String, LocalServerError> {
+    let mut out = String::with_capacity(config.len());
+    for line in config.lines() {
+        let code = line.split('#').next().unwrap_or_default();
+        let trimmed = code.trim_start();
+        if trimmed.starts_with("store_dir") {
+            if code.contains(['{', '}', ',']) {
+                return Err(LocalServerError::Config(format!(
+                    "put `store_dir` on a line of its own to run this file here: {line:?}"
+                )));
+            }
+            out.push_str("# (left out by LocalServer) ");
+        } else if code.contains("store_dir") {
+            return Err(LocalServerError::Config(format!(
+                "put `store_dir` on a line of its own to run this file here: {line:?}"
+            )));
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// `count` distinct free ports: all probed while the others are held.
@@ -276,4 +368,20 @@ fn find_binary() -> Option<PathBuf> {
         let sbin = PathBuf::from("/usr/sbin/nats-server");
         sbin.is_file().then_some(sbin)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_dir_lines_are_left_out_and_others_refused() {
+        let conf = "listen: 0.0.0.0:4222\njetstream {\n  store_dir: \"/var/lib/nats\"\n}\n";
+        let out = without_store_dir(conf).unwrap();
+        assert!(out.contains("# (left out by LocalServer)   store_dir: \"/var/lib/nats\""));
+        assert!(out.contains("listen: 0.0.0.0:4222"));
+        assert!(without_store_dir("# store_dir in a comment\n").is_ok());
+        assert!(without_store_dir("jetstream { store_dir: /x }\n").is_err());
+        assert!(without_store_dir("jetstream: {max_mem: 1G, store_dir: /x}\n").is_err());
+    }
 }
