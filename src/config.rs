@@ -22,6 +22,8 @@ use dispatcher_nats::codec::Limits;
 use dispatcher_nats::jetstream::{JetStreamOptions, StorageType};
 use dispatcher_nats::{Mode, NodeOptions};
 
+use crate::handlers::{check_env_name, ExecConfigError, ExecOptions};
+
 /// The flag (and its variable) that names the configuration file.
 pub const CONFIG_FLAG: &str = "config";
 /// The variable that names the configuration file.
@@ -335,7 +337,8 @@ pub struct ServeConfig {
     #[arg(long, env = "DISPATCH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
     /// How long a cancelled or timed-out handler may take to stop on its
-    /// own before it is aborted (an `exec` child is killed).
+    /// own before it is aborted. An `exec` run gets SIGTERM at once and
+    /// SIGKILL after half of it.
     #[arg(long, env = "DISPATCH_CANCEL_GRACE", default_value = "2s", value_parser = parse_duration)]
     pub cancel_grace: Duration,
     /// Per-attempt timeout of tasks that set no `timeout_ms`, in ms.
@@ -409,14 +412,32 @@ pub struct ServeConfig {
     /// A change that ends a task is written at once.
     #[arg(long, env = "DISPATCH_RECORD_LINGER", default_value = "50ms", value_parser = parse_duration)]
     pub record_linger: Duration,
-    /// A program the `exec` handler may run (repeat the flag, or separate
-    /// with commas in the variable). Without any, `exec` is not served.
+    /// A program the `exec` handler may run: the absolute path of an
+    /// existing executable, checked at start (repeat the flag, or separate
+    /// with commas in the variable). A task's `program` must equal it
+    /// exactly. A symlink is followed at every start: allow-listing one
+    /// trusts whatever it points to. Without any, `exec` is not served.
     #[arg(
         long = "exec-allow",
         env = "DISPATCH_EXEC_ALLOW",
         value_delimiter = ','
     )]
     pub exec_allow: Vec<String>,
+    /// A variable of the node's environment that `exec` programs get, with
+    /// its value at start (repeat the flag, or separate with commas in the
+    /// variable). Programs get nothing else but `PATH` and
+    /// `DISPATCH_EXEC_RUN`, the tag of their run.
+    #[arg(long = "exec-env", env = "DISPATCH_EXEC_ENV", value_delimiter = ',')]
+    pub exec_env: Vec<String>,
+    /// Longest line of an `exec` program's stdout, in bytes; a longer one
+    /// is dropped (and counted) as it streams past, never held whole.
+    #[arg(long, env = "DISPATCH_EXEC_MAX_LINE", default_value_t = 1024 * 1024)]
+    pub exec_max_line: usize,
+    /// Bytes of an `exec` program's stdout read per attempt; past them the
+    /// rest is read and dropped (so the program is not blocked) and the
+    /// attempt fails saying so.
+    #[arg(long, env = "DISPATCH_EXEC_MAX_OUTPUT", default_value_t = 64 * 1024 * 1024)]
+    pub exec_max_output: u64,
     /// Register the `chaos` handler (fails, panics, sleeps on request).
     #[arg(long, env = "DISPATCH_ENABLE_CHAOS")]
     pub enable_chaos: bool,
@@ -458,6 +479,37 @@ impl ServeConfig {
             return Err("default max attempts must be 1 to 100".into());
         }
         Ok(config)
+    }
+
+    /// `exec`'s options: the allow list and limits as given, `PATH` and
+    /// the `--exec-env` variables with their values now (a name that is
+    /// not set is left out, with a warning), and half of
+    /// `--cancel-grace` between SIGTERM and SIGKILL, so a stopped run is
+    /// gone before the worker gives up on the attempt.
+    pub fn exec_options(&self) -> Result<ExecOptions, ExecConfigError> {
+        let mut env: Vec<(String, OsString)> = Vec::new();
+        for name in std::iter::once("PATH").chain(self.exec_env.iter().map(String::as_str)) {
+            check_env_name(name)?;
+            if env.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            match std::env::var_os(name) {
+                Some(value) => env.push((name.to_owned(), value)),
+                None if name == "PATH" => {}
+                None => tracing::warn!(
+                    name,
+                    "--exec-env names a variable the node does not have; exec programs will not get it."
+                ),
+            }
+        }
+        Ok(ExecOptions {
+            allow: self.exec_allow.clone(),
+            env,
+            max_line: self.exec_max_line,
+            max_output: self.exec_max_output,
+            kill_grace: self.cancel_grace / 2,
+            ..ExecOptions::default()
+        })
     }
 
     /// The NATS side's options.
@@ -618,6 +670,47 @@ mod tests {
         let cli = parse(&[]).unwrap();
         assert_eq!(cli.serve.workers, MAX_WORKERS);
         assert_eq!(cli.serve.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn exec_settings_map_onto_the_exec_options() {
+        let cli = parse(&[
+            "--exec-allow",
+            "/bin/sh",
+            "--exec-env",
+            "PATH,NO_SUCH_VARIABLE_ANYWHERE",
+            "--exec-env",
+            "HOME",
+            "--exec-max-line",
+            "100",
+            "--exec-max-output",
+            "1000",
+            "--cancel-grace",
+            "4s",
+        ])
+        .unwrap();
+        let options = cli.serve.exec_options().unwrap();
+        assert_eq!(options.allow, ["/bin/sh"]);
+        let names: Vec<&str> = options.env.iter().map(|(n, _)| n.as_str()).collect();
+        // PATH once, unset names left out.
+        let expected: Vec<&str> = ["PATH", "HOME"]
+            .into_iter()
+            .filter(|n| std::env::var_os(n).is_some())
+            .collect();
+        assert_eq!(names, expected);
+        assert_eq!(options.max_line, 100);
+        assert_eq!(options.max_output, 1000);
+        assert_eq!(options.kill_grace, Duration::from_secs(2));
+        // Defaults.
+        let options = parse(&[]).unwrap().serve.exec_options().unwrap();
+        assert_eq!(options.max_line, 1 << 20);
+        assert_eq!(options.max_output, 64 << 20);
+        // A name no variable can have.
+        let cli = parse(&["--exec-env", "A=B"]).unwrap();
+        assert!(matches!(
+            cli.serve.exec_options(),
+            Err(ExecConfigError::EnvName(_))
+        ));
     }
 
     #[test]

@@ -65,8 +65,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         config,
         builtin_handlers(&HandlerOptions {
             enable_chaos: true,
-            exec_allow: Vec::new(),
-        }),
+            ..HandlerOptions::default()
+        })?,
         NodeOptions {
             prefix: prefix.clone(),
             mode,

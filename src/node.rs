@@ -26,15 +26,17 @@ pub async fn run_with(
     let dispatcher_config = config
         .dispatcher_config()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    // Checked before connecting: a bad --exec-allow entry stops `serve` at once.
+    let mut handlers = builtin_handlers(&HandlerOptions {
+        enable_chaos: config.enable_chaos,
+        exec: config.exec_options()?,
+    })
+    .context("invalid exec configuration")?;
+    register(&mut handlers)?;
     let client = config
         .connection
         .connect(&format!("dispatcher node {}", dispatcher_config.node))
         .await?;
-    let mut handlers = builtin_handlers(&HandlerOptions {
-        enable_chaos: config.enable_chaos,
-        exec_allow: config.exec_allow.clone(),
-    });
-    register(&mut handlers)?;
     let node = Node::start(client, dispatcher_config, handlers, config.node_options())
         .await
         .context("starting the node")?;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use dispatcher::handlers::{builtin_handlers, HandlerOptions};
+use dispatcher::handlers::{builtin_handlers, ExecOptions, HandlerOptions};
 use dispatcher_actors::{Backoff, DispatcherConfig, NodeId};
 use dispatcher_nats::{LocalServer, Node, NodeOptions};
 use futures::StreamExt;
@@ -26,7 +26,8 @@ async fn node(server: &LocalServer, prefix: &str, workers: usize) -> (async_nats
     let handlers = builtin_handlers(&HandlerOptions {
         enable_chaos: true,
         ..HandlerOptions::default()
-    });
+    })
+    .unwrap();
     let options = NodeOptions {
         prefix: prefix.to_owned(),
         ..NodeOptions::default()
@@ -273,9 +274,17 @@ async fn exec_runs_allowed_programs_and_kills_them_on_timeout() {
     config.workers = 2;
     config.cancel_grace = Duration::from_millis(100);
     let handlers = builtin_handlers(&HandlerOptions {
-        exec_allow: vec![agent.to_owned()],
+        exec: ExecOptions {
+            allow: vec![agent.to_owned()],
+            env: std::env::var_os("PATH")
+                .map(|path| ("PATH".to_owned(), path))
+                .into_iter()
+                .collect(),
+            ..ExecOptions::default()
+        },
         ..HandlerOptions::default()
-    });
+    })
+    .unwrap();
     let options = NodeOptions {
         prefix: "l4".to_owned(),
         ..NodeOptions::default()

@@ -32,7 +32,7 @@ async fn a_python_client_submits_watches_and_reads_status() {
     let node = Node::start(
         client,
         config,
-        builtin_handlers(&HandlerOptions::default()),
+        builtin_handlers(&HandlerOptions::default()).unwrap(),
         options,
     )
     .await

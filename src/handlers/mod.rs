@@ -9,7 +9,7 @@ mod sleep;
 use dispatcher_actors::{handler_fn, Handlers, Placement, TaskKind};
 
 pub use chaos::Chaos;
-pub use exec::Exec;
+pub use exec::{check_env_name, Exec, ExecConfigError, ExecOptions};
 pub use sleep::Sleep;
 
 /// Which built-ins to register.
@@ -17,8 +17,9 @@ pub use sleep::Sleep;
 pub struct HandlerOptions {
     /// Register `chaos`.
     pub enable_chaos: bool,
-    /// Programs `exec` may run (it is registered only if there are some).
-    pub exec_allow: Vec<String>,
+    /// What `exec` may run, and its bounds (it is registered only if
+    /// `exec.allow` names programs).
+    pub exec: ExecOptions,
 }
 
 fn kind(name: &str) -> TaskKind {
@@ -29,18 +30,20 @@ fn kind(name: &str) -> TaskKind {
 /// nothing), so they run on the node's event loop
 /// ([`Placement::EventLoop`]); `exec` starts programs and reads what they
 /// print, so it keeps a thread of its own.
-pub fn builtin_handlers(options: &HandlerOptions) -> Handlers {
+///
+/// Fails if `exec`'s settings do not hold (see [`Exec::new`]).
+pub fn builtin_handlers(options: &HandlerOptions) -> Result<Handlers, ExecConfigError> {
     let mut handlers = Handlers::new();
     handlers.insert(
         kind("echo"),
         handler_fn(|_ctx, payload| async move { Ok(payload) }).with_placement(Placement::EventLoop),
     );
     handlers.insert(kind("sleep"), Sleep);
-    if !options.exec_allow.is_empty() {
-        handlers.insert(kind("exec"), Exec::new(options.exec_allow.clone()));
+    if !options.exec.allow.is_empty() {
+        handlers.insert(kind("exec"), Exec::new(options.exec.clone())?);
     }
     if options.enable_chaos {
         handlers.insert(kind("chaos"), Chaos);
     }
-    handlers
+    Ok(handlers)
 }
