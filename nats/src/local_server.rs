@@ -50,20 +50,29 @@ impl LocalServer {
     /// Starts a server with JetStream on a free port of 127.0.0.1 and waits
     /// until it accepts connections.
     pub fn start() -> Result<Self, LocalServerError> {
+        Self::start_with(&[])
+    }
+
+    /// As [`LocalServer::start`], with more `nats-server` arguments, kept
+    /// for [`LocalServer::restart`]: a login the clients must give
+    /// (`["--user", "ops", "--pass", "s3cret"]`, `["--auth", "TOKEN"]`),
+    /// for example.
+    pub fn start_with(args: &[&str]) -> Result<Self, LocalServerError> {
         let binary = find_binary().ok_or(LocalServerError::NotInstalled)?;
         let store = TempDir::new()?;
+        let extra: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         let mut last = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port()?;
-            let mut child = spawn(&binary, port, &store, &[])?;
-            match wait_ready(&mut child, port, &[]) {
+            let mut child = spawn(&binary, port, &store, &extra)?;
+            match wait_ready(&mut child, port, &extra) {
                 Ok(()) => {
                     return Ok(Self {
                         child,
                         port,
                         binary,
                         store,
-                        extra: Vec::new(),
+                        extra,
                     })
                 }
                 // Someone took the port between our probe and the start.
