@@ -1,8 +1,9 @@
 //! Logging in, end to end: the built binary against private nats-servers
 //! that require a user and password or a token. Credentials in
 //! `--nats-url` log in, a wrong one fails without being printed (debug
-//! logs included), and conflicting or broken login settings are refused
-//! before connecting.
+//! logs included), conflicting or broken login settings are refused
+//! before connecting, and a second node with a live node's id refuses to
+//! start.
 
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -254,4 +255,37 @@ fn broken_or_conflicting_login_settings_are_refused_before_connecting() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_second_node_with_a_live_nodes_id_refuses_to_start() {
+    let server = LocalServer::start().unwrap();
+    let url = server.url();
+    let client = async_nats::connect(&url).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = serve_online(&client, &url, "cd", "twin", &dir.path().join("1.log")).await;
+
+    let second_log = dir.path().join("2.log");
+    let mut second = spawn_serve(&url, "cd", "twin", &second_log);
+    let status = second.exit("the second node").await;
+    let log = log_of(&second_log);
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("another live node already runs with id `twin`"),
+        "{log}"
+    );
+    assert!(!log.contains("Node online"), "{log}");
+
+    // The first goes on, alone, and says it was asked.
+    assert!(first.running());
+    let (status, stdout, stderr) = run(&["stats", "--nats-url", &url, "--prefix", "cd"]);
+    assert!(status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("\"node\": \"twin\""), "{stdout}");
+    let log = log_of(&dir.path().join("1.log"));
+    assert!(log.contains("Another process asked to start"), "{log}");
+
+    // Killed outright, it leaves the id free: a restart takes it at once.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let _third = serve_online(&client, &url, "cd", "twin", &dir.path().join("3.log")).await;
 }

@@ -154,6 +154,14 @@ impl Subjects {
         format!("{}.nodes.>", self.prefix)
     }
 
+    /// `<p>.probe.<node>`: answered by the live node with this id, asked
+    /// by a node about to start with it (one live node per id). Not under
+    /// `<p>.nodes.>`, so that subscribers of node events neither receive
+    /// probes nor delay them, and so that permissions can keep clients off.
+    pub fn node_probe(&self, node: &str) -> String {
+        format!("{}.probe.{node}", self.prefix)
+    }
+
     /// `<p>.metrics.<node>`
     pub fn metrics(&self, node: &str) -> String {
         format!("{}.metrics.{node}", self.prefix)
@@ -265,6 +273,7 @@ mod tests {
         );
         assert_eq!(s.nodes_any(), "dispatch.nodes.>");
         assert_eq!(s.metrics("n1"), "dispatch.metrics.n1");
+        assert_eq!(s.node_probe("n1"), "dispatch.probe.n1");
         assert_eq!(s.api(ApiEndpoint::Stats), "dispatch.api.stats");
         assert_eq!(s.tasks_all(), "dispatch.tasks.>");
         assert_eq!(s.dead("echo"), "dispatch.dead.echo");
