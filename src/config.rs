@@ -157,9 +157,15 @@ fn apply_to(
     for (id, long) in targets {
         let value = values[&long].clone();
         used.insert(long);
-        command = command.mut_arg(id, |arg| match value {
-            FileValue::One(v) => arg.default_value(v),
-            FileValue::Many(vs) => arg.default_values(vs),
+        command = command.mut_arg(id, |arg| {
+            // A secret whose variable --help hides (a password, a URL that
+            // may carry one) keeps the file's value out of --help too.
+            let secret = arg.is_hide_env_values_set();
+            let arg = match value {
+                FileValue::One(v) => arg.default_value(v),
+                FileValue::Many(vs) => arg.default_values(vs),
+            };
+            arg.hide_default_value(secret)
         });
     }
     let names: Vec<String> = command
@@ -646,6 +652,22 @@ mod tests {
         let cli = parse(&[]).unwrap();
         assert_eq!(cli.serve.workers, MAX_WORKERS);
         assert_eq!(cli.serve.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn secrets_from_the_file_stay_out_of_help() {
+        let f = file(
+            "nats-url = \"nats://ops:fil3-secret@h:4222\"\nnats-password = \"fil3-pw\"\n\
+             nats-token = \"fil3-token\"\nworkers = 4\n",
+        );
+        let err = parse(&["--config", f.path().to_str().unwrap(), "--help"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp);
+        let help = err.to_string();
+        // Other values from the file are shown as defaults.
+        assert!(help.contains("[default: 4]"), "{help}");
+        for secret in ["fil3-secret", "fil3-pw", "fil3-token"] {
+            assert!(!help.contains(secret), "{secret} in {help}");
+        }
     }
 
     #[test]
