@@ -199,8 +199,8 @@ pub struct Connection {
     /// NATS server URL(s), comma-separated; the client picks among them and
     /// fails over. A URL may carry the login, `nats://USER:PASSWORD@host` or
     /// `nats://TOKEN@host` (percent-encode `@ : / ? # ,` in them, e.g. `%40`
-    /// for `@`); it is taken out of the URL and never printed. URLs that
-    /// carry one must carry the same.
+    /// for `@`); it is masked wherever a URL is printed. URLs that carry one
+    /// must carry the same.
     #[arg(
         long,
         env = "DISPATCH_NATS_URL",
@@ -346,7 +346,8 @@ pub struct ServeConfig {
     /// or `core` (at most once, lowest latency).
     #[arg(long, env = "DISPATCH_MODE", default_value = "jetstream")]
     pub mode: Mode,
-    /// This node's id (a subject token); default: host name and a random suffix.
+    /// This node's id (a subject token); default: host name and a random
+    /// suffix. A node refuses to start while another live node has its id.
     #[arg(long, env = "DISPATCH_NODE_ID")]
     pub node_id: Option<String>,
     /// Worker slots, 1 to 10.
