@@ -52,6 +52,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::parse_duration;
+use crate::credentials::{redact, ServerUrls};
 use node::clock_ticks;
 use report::{cpu_model, nproc, summarise};
 use target::Target;
@@ -200,7 +201,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if modes.contains(&Mode::JetStream) && !info.jetstream {
         bail!(
             "the NATS server at {} has no JetStream: start it with -js, or pass --mode core",
-            without_credentials(&url)
+            redact(&url).into_owned()
         );
     }
     let machine = json!({
@@ -208,7 +209,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "clk_tck": clock_ticks(),
         "cpu_model": cpu_model(),
         "nats_server": info.version,
-        "server": if server.is_some() { "private, started by the bench".to_owned() } else { without_credentials(&url) },
+        "server": if server.is_some() { "private, started by the bench".to_owned() } else { redact(&url).into_owned() },
     });
     drop(probe);
     if args.memory {
@@ -319,13 +320,20 @@ async fn server(args: &BenchArgs) -> anyhow::Result<(String, Option<LocalServer>
     Ok((server.url(), Some(server)))
 }
 
+/// Connects to `url`, logging in with the credentials it carries.
 async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+    let servers = ServerUrls::parse(&[url.to_owned()])?;
+    let shown = servers.shown();
+    let mut options = async_nats::ConnectOptions::new()
         .name(name)
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
+        .connection_timeout(Duration::from_secs(5));
+    if let Some(login) = servers.login {
+        options = login.apply(options)?;
+    }
+    options
+        .connect(servers.addrs)
         .await
-        .with_context(|| format!("connecting to NATS at {}", without_credentials(url)))
+        .with_context(|| format!("connecting to NATS at {shown}"))
 }
 
 /// Starts one column's target, measures it, stops it. In mode core,
@@ -366,24 +374,4 @@ async fn measure(
         ms(figures.p99_window_us),
     );
     Ok(figures)
-}
-
-/// The URL without a user or password in it.
-fn without_credentials(url: &str) -> String {
-    match (url.split_once("://"), url.rsplit_once('@')) {
-        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://{host}"),
-        (None, Some((_, host))) => host.to_owned(),
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_stay_out_of_reports() {
-        assert_eq!(without_credentials("nats://u:p@h:4222"), "nats://h:4222");
-        assert_eq!(without_credentials("nats://h:4222"), "nats://h:4222");
-    }
 }

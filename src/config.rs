@@ -22,6 +22,7 @@ use dispatcher_nats::codec::Limits;
 use dispatcher_nats::jetstream::{JetStreamOptions, StorageType};
 use dispatcher_nats::{Mode, NodeOptions};
 
+use crate::credentials;
 use crate::handlers::{check_env_name, ExecConfigError, ExecOptions};
 
 /// The flag (and its variable) that names the configuration file.
@@ -157,9 +158,15 @@ fn apply_to(
     for (id, long) in targets {
         let value = values[&long].clone();
         used.insert(long);
-        command = command.mut_arg(id, |arg| match value {
-            FileValue::One(v) => arg.default_value(v),
-            FileValue::Many(vs) => arg.default_values(vs),
+        command = command.mut_arg(id, |arg| {
+            // A secret whose variable --help hides (a password, a URL that
+            // may carry one) keeps the file's value out of --help too.
+            let secret = arg.is_hide_env_values_set();
+            let arg = match value {
+                FileValue::One(v) => arg.default_value(v),
+                FileValue::Many(vs) => arg.default_values(vs),
+            };
+            arg.hide_default_value(secret)
         });
     }
     let names: Vec<String> = command
@@ -186,43 +193,57 @@ pub fn parse_priority(s: &str) -> Result<Priority, String> {
     Priority::parse(s).ok_or_else(|| "use critical, high, normal or low".to_owned())
 }
 
-/// Where the NATS server is, and how to log in to it.
-#[derive(Args, Clone, Debug)]
+/// Where the NATS server is, and how to log in to it. Its `Debug` shows no
+/// secret.
+#[derive(Args, Clone)]
 pub struct Connection {
     /// NATS server URL(s), comma-separated; the client picks among them and
-    /// fails over.
+    /// fails over. A URL may carry the login, `nats://USER:PASSWORD@host` or
+    /// `nats://TOKEN@host` (percent-encode `@ : / ? # ,` in them, e.g. `%40`
+    /// for `@`); it is masked wherever a URL is printed. URLs that carry one
+    /// must carry the same.
     #[arg(
         long,
         env = "DISPATCH_NATS_URL",
         default_value = "nats://127.0.0.1:4222",
-        value_delimiter = ','
+        value_delimiter = ',',
+        hide_env_values = true
     )]
     pub nats_url: Vec<String>,
     /// Subject prefix shared by nodes and clients.
     #[arg(long, env = "DISPATCH_PREFIX", default_value = "dispatch")]
     pub prefix: String,
-    /// User name (with --nats-password).
+    /// User name, with --nats-password. Give one way to log in only: user
+    /// and password, token, creds file, NKey file, or the URL's (any two
+    /// are refused).
     #[arg(long, env = "DISPATCH_NATS_USER", requires = "nats_password")]
     pub nats_user: Option<String>,
-    /// Password (with --nats-user); prefer the variable to the flag.
-    #[arg(long, env = "DISPATCH_NATS_PASSWORD", hide_env_values = true)]
+    /// Password, with --nats-user; prefer the variable to the flag.
+    #[arg(
+        long,
+        env = "DISPATCH_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
     pub nats_password: Option<String>,
     /// Authentication token; prefer the variable to the flag.
     #[arg(long, env = "DISPATCH_NATS_TOKEN", hide_env_values = true)]
     pub nats_token: Option<String>,
-    /// Credentials file (JWT and NKey seed, as `nsc` writes them).
+    /// Credentials file (user JWT and NKey seed, as `nsc` writes them);
+    /// checked at start.
     #[arg(long, env = "DISPATCH_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
-    /// File holding an NKey seed (`SU…`).
+    /// File holding a user NKey seed (one line, `SU…`); checked at start.
     #[arg(long, env = "DISPATCH_NATS_NKEY")]
     pub nats_nkey: Option<PathBuf>,
-    /// CA certificate(s) (PEM) to verify the server with.
+    /// CA certificate(s) (PEM) to verify the server with; implies TLS. A
+    /// file without a PEM certificate is refused at start.
     #[arg(long, env = "DISPATCH_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM), with --tls-key.
+    /// Client certificate (PEM), with --tls-key; checked at start.
     #[arg(long, env = "DISPATCH_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
-    /// Client private key (PEM), with --tls-cert.
+    /// Client private key (PEM), with --tls-cert; checked at start.
     #[arg(long, env = "DISPATCH_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Refuse to talk to the server without TLS.
@@ -244,25 +265,17 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// The async-nats options these settings describe.
-    pub async fn options(&self, default_name: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+    /// The async-nats options these settings describe, and the servers to
+    /// give them (without credentials: those are in the options). Checks the
+    /// login and the files it names first: see [`crate::credentials`].
+    pub fn options(
+        &self,
+        default_name: &str,
+    ) -> anyhow::Result<(async_nats::ConnectOptions, Vec<async_nats::ServerAddr>)> {
+        let (servers, login) = credentials::login(self)?;
         let mut options = async_nats::ConnectOptions::new();
-        if let Some(path) = &self.nats_creds {
-            options = options
-                .credentials_file(path)
-                .await
-                .with_context(|| format!("reading the credentials file {}", path.display()))?;
-        }
-        if let Some(path) = &self.nats_nkey {
-            let seed = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the NKey seed file {}", path.display()))?;
-            options = options.nkey(seed.trim().to_owned());
-        }
-        if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
-            options = options.user_and_password(user.clone(), password.clone());
-        }
-        if let Some(token) = &self.nats_token {
-            options = options.token(token.clone());
+        if let Some(login) = login {
+            options = login.apply(options)?;
         }
         if let Some(ca) = &self.tls_ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -275,24 +288,52 @@ impl Connection {
         }
         let max_delay = self.reconnect_delay_max;
         let max_reconnects = (self.max_reconnects > 0).then_some(self.max_reconnects);
-        Ok(options
+        let options = options
             .name(self.connection_name.as_deref().unwrap_or(default_name))
             .connection_timeout(self.connect_timeout)
             .max_reconnects(max_reconnects)
             .reconnect_delay_callback(move |attempt| {
                 let exp = attempt.min(16) as u32;
                 Duration::from_millis(100u64.saturating_mul(1 << exp)).min(max_delay)
-            }))
+            });
+        Ok((options, servers))
     }
 
-    /// Connects; the error names the servers tried.
+    /// Connects; the error names the servers tried (without credentials).
     pub async fn connect(&self, default_name: &str) -> anyhow::Result<async_nats::Client> {
-        let options = self.options(default_name).await?;
-        let urls = self.nats_url.join(",");
+        let (options, servers) = self.options(default_name)?;
+        let shown = servers
+            .iter()
+            .map(|s| s.as_url_str())
+            .collect::<Vec<_>>()
+            .join(",");
         options
-            .connect(self.nats_url.as_slice())
+            .connect(servers)
             .await
-            .with_context(|| format!("connecting to NATS at {urls}"))
+            // async-nats was given no credentials, but its message is
+            // redacted all the same.
+            .map_err(|e| anyhow::anyhow!("{}", credentials::redact(&e.to_string())))
+            .with_context(|| format!("connecting to NATS at {shown}"))
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |v: &Option<String>| v.as_ref().map(|_| "***");
+        f.debug_struct("Connection")
+            .field("nats_url", &credentials::redact_urls(&self.nats_url))
+            .field("prefix", &self.prefix)
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &secret(&self.nats_password))
+            .field("nats_token", &secret(&self.nats_token))
+            .field("nats_creds", &self.nats_creds)
+            .field("nats_nkey", &self.nats_nkey)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_required", &self.tls_required)
+            .field("connection_name", &self.connection_name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -306,7 +347,8 @@ pub struct ServeConfig {
     /// or `core` (at most once, lowest latency).
     #[arg(long, env = "DISPATCH_MODE", default_value = "jetstream")]
     pub mode: Mode,
-    /// This node's id (a subject token); default: host name and a random suffix.
+    /// This node's id (a subject token); default: host name and a random
+    /// suffix. A node refuses to start while another live node has its id.
     #[arg(long, env = "DISPATCH_NODE_ID")]
     pub node_id: Option<String>,
     /// Worker slots, 1 to 10.
@@ -711,6 +753,22 @@ mod tests {
             cli.serve.exec_options(),
             Err(ExecConfigError::EnvName(_))
         ));
+    }
+
+    #[test]
+    fn secrets_from_the_file_stay_out_of_help() {
+        let f = file(
+            "nats-url = \"nats://ops:fil3-secret@h:4222\"\nnats-password = \"fil3-pw\"\n\
+             nats-token = \"fil3-token\"\nworkers = 4\n",
+        );
+        let err = parse(&["--config", f.path().to_str().unwrap(), "--help"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp);
+        let help = err.to_string();
+        // Other values from the file are shown as defaults.
+        assert!(help.contains("[default: 4]"), "{help}");
+        for secret in ["fil3-secret", "fil3-pw", "fil3-token"] {
+            assert!(!help.contains(secret), "{secret} in {help}");
+        }
     }
 
     #[test]

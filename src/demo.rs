@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tracing::info;
 
 use crate::config::{default_node_id, parse_duration, Connection};
+use crate::credentials::{redact, redact_urls};
 use crate::handlers::{builtin_handlers, HandlerOptions};
 use crate::watch::Tracker;
 
@@ -171,12 +172,12 @@ async fn connect_or_start(
         Ok(client) => {
             eprintln!(
                 "Using the NATS server at {}.",
-                connection.nats_url.join(",")
+                redact_urls(&connection.nats_url)
             );
             Ok((client, None))
         }
         Err(e) => {
-            info!(error = %format!("{e:#}"), "No NATS server answers; starting a private one.");
+            info!(error = %redact(&format!("{e:#}")), "No NATS server answers; starting a private one.");
             let server = tokio::task::spawn_blocking(LocalServer::start)
                 .await?
                 .map_err(|e| match e {
@@ -184,14 +185,14 @@ async fn connect_or_start(
                         "no NATS server answers at {} and nats-server is not installed: \
                          install it with `sudo apt-get install nats-server` (or run scripts/demo, \
                          which does), or point --nats-url at a server",
-                        connection.nats_url.join(",")
+                        redact_urls(&connection.nats_url)
                     ),
                     other => anyhow::Error::new(other),
                 })?;
             eprintln!(
                 "No NATS server answers at {}; started a private nats-server at {} \
                  (stopped when the demo ends).",
-                connection.nats_url.join(","),
+                redact_urls(&connection.nats_url),
                 server.url()
             );
             let client = async_nats::ConnectOptions::new()

@@ -5,6 +5,8 @@
 //!
 //! - [`config`]: command-line flags, `DISPATCH_*` variables and the TOML
 //!   file, and the NATS connection they describe.
+//! - [`credentials`]: the login to NATS (flags, files, URLs) checked before
+//!   connecting, and the redaction of URLs in everything printed.
 //! - [`dead`]: `dispatcher dead list|replay`.
 //! - [`handlers`]: the built-in handlers.
 //! - [`node`]: runs a node until told to stop.
@@ -14,6 +16,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod credentials;
 pub mod dead;
 pub mod demo;
 pub mod handlers;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use dispatcher::config::{Connection, ServeConfig, CONFIG_ENV, CONFIG_FLAG};
+use dispatcher::credentials::redact;
 use dispatcher::demo::DemoArgs;
 use dispatcher::watch::Tracker;
 use dispatcher_actors::{EventBody, NodeEvent, TaskEvent, TaskSpec};
@@ -250,7 +251,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Whatever the error quotes, no URL in it shows a password.
+            eprintln!("error: {}", redact(&format!("{e:#}")));
             ExitCode::from(2)
         }
     }

@@ -59,7 +59,7 @@ pub async fn start(
                 };
                 let replies = handle(&intake, &msgs).await;
                 for (msg, reply) in msgs.into_iter().zip(replies) {
-                    if let Some(to) = msg.reply {
+                    if let Some(to) = msg.reply.filter(|to| reader.subjects().is_reply_safe(to)) {
                         if let Err(e) = client.publish(to, wire::body(&reply)).await {
                             warn!(error = %e, "Submit reply not sent.");
                         }

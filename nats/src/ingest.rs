@@ -65,7 +65,11 @@ pub async fn start_core(
                 }
             }
             for (msg, reply) in msgs.iter().zip(replies) {
-                if let (Some(to), Some(reply)) = (&msg.reply, reply) {
+                let to = msg
+                    .reply
+                    .as_ref()
+                    .filter(|to| reader.subjects().is_reply_safe(to));
+                if let (Some(to), Some(reply)) = (to, reply) {
                     if let Err(e) = client.publish(to.clone(), wire::body(&reply)).await {
                         warn!(error = %e, "Task reply not sent.");
                     }

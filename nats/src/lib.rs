@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`node`]: a whole node, the binary's entry point.
+//! - [`probe`]: one live node per id: the check at start, the answers while live.
 //! - [`publisher`]: the event sink that publishes to NATS.
 //! - [`service`]: the control API, as the micro service `dispatch`.
 //! - [`subjects`]: every subject, stream, bucket and header name, from one prefix.
@@ -26,6 +27,7 @@ pub mod ingest;
 pub mod jetstream;
 pub mod local_server;
 pub mod node;
+pub mod probe;
 pub mod publisher;
 pub mod service;
 pub mod subjects;

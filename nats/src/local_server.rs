@@ -109,6 +109,15 @@ impl LocalServer {
         Self::start_in(store, extra)
     }
 
+    /// As [`LocalServer::start`], with more `nats-server` arguments, kept
+    /// for [`LocalServer::restart`]: a login the clients must give
+    /// (`["--user", "ops", "--pass", "s3cret"]`, `["--auth", "TOKEN"]`),
+    /// for example.
+    pub fn start_with(args: &[&str]) -> Result<Self, LocalServerError> {
+        let store = TempDir::new()?;
+        Self::start_in(store, args.iter().map(|a| (*a).to_owned()).collect())
+    }
+
     fn start_in(store: TempDir, extra: Vec<String>) -> Result<Self, LocalServerError> {
         let binary = find_binary().ok_or(LocalServerError::NotInstalled)?;
         let mut last = None;

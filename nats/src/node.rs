@@ -1,7 +1,8 @@
 //! [`Node`]: one dispatcher node on NATS — the Dispatcher's actors, the
 //! event publisher, the submit gateway, ingest, and the `online`,
 //! `heartbeat`, metrics and `offline` announcements. The binary's one
-//! entry point into this crate.
+//! entry point into this crate. A node refuses to start with the id of
+//! another live node (see [`crate::probe`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::jetstream::pull::Pulling;
 use crate::jetstream::records::RecordMirror;
 use crate::jetstream::store::DurableStore;
 use crate::jetstream::{pull, JetStreamOptions, SetupError};
+use crate::probe::{self, ProbeAnswers, ProbeError};
 use crate::publisher::Publisher;
 use crate::service::Shared;
 use crate::subjects::{InvalidPrefix, Subjects};
@@ -107,6 +109,9 @@ pub enum NodeError {
     /// The subject prefix is not valid.
     #[error(transparent)]
     Prefix(#[from] InvalidPrefix),
+    /// Another live node has this node's id, or asking failed.
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
     /// JetStream could not be set up.
     #[error(transparent)]
     JetStream(#[from] SetupError),
@@ -134,6 +139,7 @@ pub struct Node {
     subjects: Subjects,
     options: NodeOptions,
     service: async_nats::service::Service,
+    probe: ProbeAnswers,
     pending_cancels: Option<PendingCancels>,
     acks: Option<Acks>,
     mirror: Option<RecordMirror>,
@@ -161,7 +167,9 @@ impl EventSink for Tee {
 
 impl Node {
     /// Starts a node inside a running actix System and publishes `online`
-    /// once it takes tasks.
+    /// once it takes tasks. First of all it makes sure that no live node has
+    /// its id ([`NodeError::Probe`] if one has), and answers for the id from
+    /// then on, before it takes any work or says `online`.
     pub async fn start(
         client: async_nats::Client,
         config: DispatcherConfig,
@@ -169,6 +177,9 @@ impl Node {
         options: NodeOptions,
     ) -> Result<Node, NodeError> {
         let subjects = Subjects::new(&options.prefix)?;
+        probe::ensure_unique(&client, &subjects, &config.node).await?;
+        // Dropped (and so unsubscribed) if the start fails below.
+        let probe = ProbeAnswers::start(client.clone(), &subjects, config.node.clone()).await?;
         let publisher = Publisher::start(client.clone(), subjects.clone(), options.event_buffer);
         let js_options = &options.jetstream;
         let held = HeldDeliveries::default();
@@ -331,6 +342,7 @@ impl Node {
             subjects,
             options,
             service,
+            probe,
             pending_cancels,
             acks,
             mirror,
@@ -408,6 +420,9 @@ impl Node {
                 reason: "shutdown".to_owned(),
             },
         ));
+        // The id is free once the node is offline; the drain's flush
+        // carries the unsubscription to the server.
+        self.probe.stop().await;
         self.publisher.drain().await;
         info!(node = %self.dispatcher.node(), "Node offline.");
         report

@@ -76,8 +76,23 @@ pub async fn start(
         let dispatcher = dispatcher.clone();
         let shared = shared.clone();
         let cluster = cluster.clone();
+        let reply_subjects = subjects.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(request) = requests.next().await {
+                // Answered only on a reply subject where a node's publish
+                // means nothing (not a KV key, an ack, the JetStream API).
+                let safe = request
+                    .message
+                    .reply
+                    .as_ref()
+                    .is_some_and(|to| reply_subjects.is_reply_safe(to));
+                if !safe {
+                    warn!(
+                        endpoint = endpoint.as_str(),
+                        "Control request with an unsafe reply subject ignored."
+                    );
+                    continue;
+                }
                 let context = Context {
                     dispatcher: &dispatcher,
                     shared: shared.as_ref(),

@@ -158,6 +158,14 @@ impl Subjects {
         format!("{}.nodes.>", self.prefix)
     }
 
+    /// `<p>.probe.<node>`: answered by the live node with this id, asked
+    /// by a node about to start with it (one live node per id). Not under
+    /// `<p>.nodes.>`, so that subscribers of node events neither receive
+    /// probes nor delay them, and so that permissions can keep clients off.
+    pub fn node_probe(&self, node: &str) -> String {
+        format!("{}.probe.{node}", self.prefix)
+    }
+
     /// `<p>.metrics.<node>`
     pub fn metrics(&self, node: &str) -> String {
         format!("{}.metrics.{node}", self.prefix)
@@ -234,6 +242,31 @@ impl Subjects {
         format!("{}.api.{}", self.prefix, endpoint.as_str())
     }
 
+    /// Whether a node may answer a request on `reply`, the reply subject
+    /// the requester chose. A reply goes out with the node's rights, so it
+    /// must not land where a node's publish means something: nowhere under
+    /// this prefix, nor under `$JS.`, `$KV.`, `$SRV.`, `$SYS.` or any other
+    /// `$` subject (acks, KV writes, the JetStream API), and never on a
+    /// subject with wildcards or empty tokens. Inboxes (`_INBOX.…`, or any
+    /// other prefix a client picks) pass.
+    pub fn is_reply_safe(&self, reply: &str) -> bool {
+        let own = reply
+            .strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+        !reply.is_empty()
+            && !reply.starts_with('$')
+            && !own
+            && reply.len() <= 512
+            && reply.split('.').all(|t| {
+                !t.is_empty()
+                    && t != "*"
+                    && t != ">"
+                    && !t
+                        .bytes()
+                        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            })
+    }
+
     /// The token at `index` (0-based, after the prefix) of `subject`, if it
     /// is under this prefix: `kind` of a submit subject is token 1.
     pub fn token<'a>(&self, subject: &'a str, index: usize) -> Option<&'a str> {
@@ -269,6 +302,7 @@ mod tests {
         );
         assert_eq!(s.nodes_any(), "dispatch.nodes.>");
         assert_eq!(s.metrics("n1"), "dispatch.metrics.n1");
+        assert_eq!(s.node_probe("n1"), "dispatch.probe.n1");
         assert_eq!(s.api(ApiEndpoint::Stats), "dispatch.api.stats");
         assert_eq!(s.tasks_all(), "dispatch.tasks.>");
         assert_eq!(s.dead("echo"), "dispatch.dead.echo");
@@ -280,6 +314,29 @@ mod tests {
         let other = Subjects::new("acme.jobs-2").unwrap();
         assert_eq!(other.stream_tasks(), "ACME_JOBS_2_TASKS");
         assert_eq!(other.bucket_tasks(), "acme_jobs_2_tasks");
+    }
+
+    #[test]
+    fn replies_go_only_to_inboxes() {
+        let s = Subjects::default();
+        for ok in ["_INBOX.abc.1", "_R_.x.y", "my-app.inbox.7", "dispatcher.x"] {
+            assert!(s.is_reply_safe(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "$KV.dispatch_tasks.t1",
+            "$JS.ACK.DISPATCH_TASKS.echo_normal.1.2.3.4.5",
+            "$JS.API.STREAM.DELETE.DISPATCH_TASKS",
+            "$SRV.PING",
+            "dispatch.tasks.echo.normal",
+            "dispatch.leases.n1",
+            "dispatch",
+            "_INBOX.*",
+            "_INBOX.>",
+            "a..b",
+        ] {
+            assert!(!s.is_reply_safe(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -462,3 +462,45 @@ async fn malformed_input_gets_its_code_on_every_entry_point() {
     still_runs(&client, &mut events, "alive").await;
     node.shutdown().await;
 }
+
+/// A reply subject is taken from the wire too: a request whose reply
+/// subject is a KV key, an ack or the JetStream API gets no answer there.
+#[actix::test]
+async fn replies_never_go_to_a_subject_where_a_publish_means_something() {
+    let server = LocalServer::start().expect("nats-server");
+    let node = start_node(&server.url(), "n1", Mode::JetStream, Limits::default()).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = subscribe(&client, "dispatch.events.>").await;
+    still_runs(&client, &mut events, "victim").await;
+    let mut trap = subscribe(&client, "$KV.dispatch_tasks.victim").await;
+    let forged = [
+        ("dispatch.submit.echo", json!({"id": "via-kv"})),
+        ("dispatch.api.status", json!({"id": "victim"})),
+        ("dispatch.api.stats", json!({})),
+    ];
+    for (subject, body) in &forged {
+        client
+            .publish_with_reply(
+                *subject,
+                "$KV.dispatch_tasks.victim",
+                body.to_string().into(),
+            )
+            .await
+            .unwrap();
+    }
+    // Barriers: the same requests with an inbox are answered.
+    for (subject, body) in &forged {
+        let reply = request(&client, *subject, body.clone()).await;
+        assert!(reply.is_object(), "{reply}");
+    }
+    assert!(
+        futures::FutureExt::now_or_never(trap.next()).is_none(),
+        "a node wrote into the KV record"
+    );
+    let js = jetstream::new(client.clone());
+    let records = js.get_key_value("dispatch_tasks").await.unwrap();
+    let record: Value =
+        serde_json::from_slice(&records.get("victim").await.unwrap().unwrap()).unwrap();
+    assert_eq!(record["status"], "completed");
+    node.shutdown().await;
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use dispatcher_actors::{handler_fn, DispatcherConfig, Handlers, NodeId, TaskKind};
 use dispatcher_nats::codec::Limits;
-use dispatcher_nats::{LocalServer, Node, NodeOptions};
+use dispatcher_nats::{LocalServer, Node, NodeError, NodeOptions};
 use serde_json::{json, Value};
 
 mod common;
@@ -14,6 +14,12 @@ mod common;
 use common::{next_json, request_raw, DEADLINE};
 
 async fn start_node(server: &LocalServer, prefix: &str) -> (async_nats::Client, Node) {
+    let node = try_start_node(server, prefix).await.unwrap();
+    (async_nats::connect(server.url()).await.unwrap(), node)
+}
+
+/// Starts the node `node-1` on its own connection.
+async fn try_start_node(server: &LocalServer, prefix: &str) -> Result<Node, NodeError> {
     let mut handlers = Handlers::new();
     handlers.insert(
         TaskKind::new("echo").unwrap(),
@@ -39,8 +45,7 @@ async fn start_node(server: &LocalServer, prefix: &str) -> (async_nats::Client, 
         ..NodeOptions::default()
     };
     let nats = async_nats::connect(server.url()).await.unwrap();
-    let node = Node::start(nats, config, handlers, options).await.unwrap();
-    (async_nats::connect(server.url()).await.unwrap(), node)
+    Node::start(nats, config, handlers, options).await
 }
 
 #[actix::test]
@@ -351,4 +356,49 @@ async fn the_control_api_answers_as_a_micro_service() {
         "{subjects:?}"
     );
     node.shutdown().await;
+}
+
+#[actix::test]
+async fn a_node_refuses_the_id_of_a_live_node_and_takes_it_once_free() {
+    let server = LocalServer::start().unwrap();
+    let (client, first) = start_node(&server, "p6").await;
+
+    // The live node answers for its id, with its id; nobody answers for
+    // another.
+    let reply = tokio::time::timeout(DEADLINE, client.request("p6.probe.node-1", "{}".into()))
+        .await
+        .expect("answered in time")
+        .expect("a live node answers its probe");
+    let body: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(body, json!({"node": "node-1"}));
+    let none = client.request("p6.probe.node-2", "{}".into()).await;
+    assert_eq!(
+        none.unwrap_err().kind(),
+        async_nats::RequestErrorKind::NoResponders
+    );
+
+    // A second node with the same id is refused, naming the id.
+    let err = match try_start_node(&server, "p6").await {
+        Ok(_) => panic!("a second node-1 started"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, NodeError::Probe(_)), "{err:?}");
+    assert!(err.to_string().contains("`node-1`"), "{err}");
+
+    // The first one goes on serving, alone.
+    let reply = request_raw(&client, "p6.submit.echo", br#"{"id":"after","payload":1}"#).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let reply = client
+        .request("p6.probe.node-1", "{}".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&reply.payload).unwrap()["node"],
+        "node-1"
+    );
+
+    // Once it is offline, the id is free at once.
+    first.shutdown().await;
+    let again = try_start_node(&server, "p6").await.expect("the id is free");
+    again.shutdown().await;
 }

@@ -50,17 +50,13 @@ impl NodeProcess {
                 command.env_remove(name);
             }
         }
+        // The URL (it may carry a password) goes in the environment, out
+        // of the process list.
         let mut child = command
+            .env("DISPATCH_NATS_URL", url)
             .args(["serve", "--mode", mode.as_str(), "--workers"])
             .arg(workers.to_string())
-            .args([
-                "--prefix",
-                subjects.prefix(),
-                "--nats-url",
-                url,
-                "--node-id",
-                &node_id,
-            ])
+            .args(["--prefix", subjects.prefix(), "--node-id", &node_id])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
