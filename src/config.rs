@@ -375,8 +375,12 @@ pub struct ServeConfig {
     /// How long running tasks get to finish at shutdown.
     #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
-    /// Interval of heartbeat events and metrics snapshots.
-    #[arg(long, env = "DISPATCH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    /// Interval of heartbeat events and metrics snapshots. A node silent
+    /// for three intervals is taken for dead (mode jetstream: its running
+    /// tasks go back to the queue), so 1s means a dead node's tasks start
+    /// elsewhere within about 4 s; each node sends two small messages per
+    /// interval and reads two per peer.
+    #[arg(long, env = "DISPATCH_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
     /// How long a cancelled or timed-out handler may take to stop on its
     /// own before it is aborted. An `exec` run gets SIGTERM at once and

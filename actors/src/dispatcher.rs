@@ -418,7 +418,7 @@ impl Dispatcher {
                         kind: task.kind.clone(),
                         priority: task.priority,
                     };
-                    positions.push((i, submitted, admission));
+                    positions.push((i, submitted, admission, held.delivery.is_some()));
                     to_queue.push(held);
                 }
                 Admission::Duplicate => {
@@ -448,16 +448,19 @@ impl Dispatcher {
             Err(e) => vec![Err(gone(e)); positions.len()],
         };
         let mut forget = Vec::new();
-        for ((i, submitted, admission), outcome) in positions.into_iter().zip(outcomes) {
+        for ((i, submitted, admission, delivered), outcome) in positions.into_iter().zip(outcomes) {
             results[i] = Some(match outcome {
                 Ok(()) => Ok(submitted),
                 Err(err) => {
-                    let error = err.to_info();
-                    self.reject(
-                        Some(submitted.id.as_str()),
-                        Some(submitted.kind.as_str()),
-                        error,
-                    );
+                    // A delivered task this node cannot take now went back
+                    // to its transport for another node: it is not refused.
+                    if !delivered {
+                        self.reject(
+                            Some(submitted.id.as_str()),
+                            Some(submitted.kind.as_str()),
+                            err.to_info(),
+                        );
+                    }
                     if admission == Admission::New {
                         forget.push(submitted.id);
                     }

@@ -92,7 +92,7 @@ impl Default for NodeOptions {
             mode: Mode::Core,
             limits: Limits::default(),
             event_buffer: 10_000,
-            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
             max_inflight_requests: 256,
             jetstream: JetStreamOptions::default(),

@@ -155,7 +155,14 @@ impl Supervisor {
     }
 
     fn notify_waiters(&mut self) {
-        let room = self.queue.capacity().saturating_sub(self.queued());
+        // A node that cannot run work takes none: no room while it shuts
+        // down or while every slot is disabled (a transport that pulls
+        // stops pulling, and starts again when a slot is back).
+        let room = if !self.accepting || self.in_service() == 0 {
+            0
+        } else {
+            self.queue.capacity().saturating_sub(self.queued())
+        };
         self.room.send_if_modified(|r| {
             let changed = *r != room;
             *r = room;

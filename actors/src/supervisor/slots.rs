@@ -171,6 +171,8 @@ impl Supervisor {
                 reason,
             };
             self.emitter.node_event(body);
+            // With no slot left in service the node takes no more work.
+            self.notify_waiters();
             return;
         }
         slot.state = WorkerState::Restarting;

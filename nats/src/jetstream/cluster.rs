@@ -190,6 +190,20 @@ impl Cluster {
         dead
     }
 
+    /// Forgets when the live peers were last seen, as if each had just
+    /// been: after this node itself was not running, silence it could not
+    /// hear is no evidence. Answers how many peers that touched.
+    fn judge_from_now(&self) -> usize {
+        let mut peers = self.peers.lock().expect("not poisoned");
+        let now = Instant::now();
+        let mut n = 0;
+        for peer in peers.values_mut().filter(|p| !p.gone) {
+            peer.last_seen = now;
+            n += 1;
+        }
+        n
+    }
+
     /// Takes a message on a node subject (`<p>.metrics.<node>`,
     /// `<p>.leases.<node>`, `<p>.nodes.<node>.online|offline`). Messages
     /// there are data, never instructions: a node is known only from its
@@ -405,8 +419,24 @@ pub async fn start(
     let view = cluster.clone();
     let watchdog = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
         loop {
             tick.tick().await;
+            let gap = last.elapsed();
+            last = Instant::now();
+            if gap >= interval * 2 {
+                // This node was not running (stopped, starved): what it
+                // knows of the others is as old as the gap. Nobody is
+                // taken for dead on that; they are judged from now on.
+                let peers = view.judge_from_now();
+                warn!(
+                    paused_ms = gap.as_millis() as u64,
+                    peers,
+                    "This node was not running for a while; its peers are judged again from now."
+                );
+                continue;
+            }
             for (node, held) in view.dead_to_reclaim() {
                 let n = give_back(&client, held).await;
                 view.reclaimed.fetch_add(n, Ordering::Relaxed);
@@ -457,13 +487,44 @@ mod tests {
         }
     }
 
+    /// Makes `node` last seen four intervals ago.
+    fn age(c: &Cluster, node: &str) {
+        let mut peers = c.peers.lock().unwrap();
+        let peer = peers.get_mut(node).unwrap();
+        peer.last_seen = Instant::now()
+            .checked_sub(c.interval * (MISSED_HEARTBEATS + 1))
+            .unwrap();
+    }
+
     fn cluster() -> Cluster {
         Cluster {
             me: "me".into(),
             peers: Arc::new(Mutex::new(BTreeMap::new())),
             reclaimed: Arc::new(AtomicU64::new(0)),
-            interval: Duration::from_millis(1),
+            interval: Duration::from_millis(100),
         }
+    }
+
+    #[test]
+    fn after_its_own_pause_a_node_judges_its_peers_from_now() {
+        let c = cluster();
+        let acks = AckSubjects::new(&Subjects::default());
+        let online = read(Source::Online, "peer", br#"{"node": "peer"}"#).unwrap();
+        c.take(&acks, "peer", &online);
+        // Silent for longer than three intervals, as seen by a node that
+        // was itself stopped all that time.
+        age(&c, "peer");
+        assert_eq!(c.judge_from_now(), 1);
+        assert!(
+            c.dead_to_reclaim().is_empty(),
+            "taken for dead on a stale view"
+        );
+        age(&c, "peer");
+        assert_eq!(
+            c.dead_to_reclaim().len(),
+            1,
+            "silence measured after the resume counts"
+        );
     }
 
     #[test]
@@ -484,7 +545,7 @@ mod tests {
         let m = read(Source::Leases, "real", lease.as_bytes()).unwrap();
         c.take(&acks, "real", &m);
         assert_eq!(c.peers.lock().unwrap()["real"].held, vec![own.to_owned()]);
-        std::thread::sleep(Duration::from_millis(5));
+        age(&c, "real");
         let dead = c.dead_to_reclaim();
         assert_eq!(dead, vec![("real".to_owned(), vec![own.to_owned()])]);
     }
