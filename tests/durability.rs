@@ -745,3 +745,70 @@ async fn nodes_on_a_three_server_cluster_share_one_queue() {
         "one node did all the work: {split:?}\n{logs}"
     );
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to a node process.
+fn signal(node: &Serve, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &node.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal}");
+}
+
+/// A node stopped (SIGSTOP) for longer than three heartbeats, then
+/// resumed, must not take its live peer for dead on what it knew before
+/// the pause: the peer's running tasks run once, on the peer. The resumed
+/// node is `n1`, the smallest id, so it is the one that would reclaim.
+#[tokio::test]
+async fn a_resumed_node_does_not_take_a_live_peer_for_dead() {
+    let server = LocalServer::start().unwrap();
+    let url = server.url();
+    let client = connect(&url).await;
+    let events = EventLog::follow(&client, "pause.events.>").await;
+    let flags = ["--enable-chaos", "--workers", "10"];
+    let peer = start_online(&client, &url, "pause", "n2", &flags, DEADLINE).await;
+    let ids: Vec<String> = (0..5).map(|i| format!("long-{i}")).collect();
+    for id in &ids {
+        let body = json!({"id": id, "payload": {"sleep_ms": 12_000}});
+        let reply = request(&client, "pause.submit.chaos".into(), &body)
+            .await
+            .unwrap();
+        assert_eq!(reply["ok"], true, "{reply}");
+    }
+    assert!(
+        eventually(DEADLINE, || events.count("started") == ids.len()).await,
+        "the long tasks did not start on n2\n{}",
+        peer.log_tail()
+    );
+    let paused = start_online(&client, &url, "pause", "n1", &flags, DEADLINE).await;
+    // n1 learns of n2 from its snapshots (one a second): wait for two.
+    let mut snapshots = client.subscribe("pause.metrics.n2").await.unwrap();
+    for _ in 0..2 {
+        tokio::time::timeout(DEADLINE, snapshots.next())
+            .await
+            .unwrap();
+    }
+    signal(&paused, "STOP");
+    // The pause itself: longer than three heartbeat intervals (1 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    signal(&paused, "CONT");
+    assert!(
+        eventually(Duration::from_secs(60), || events.finished() == ids.len()).await,
+        "the long tasks did not finish\n{}\n{}",
+        peer.log_tail(),
+        paused.log_tail()
+    );
+    let snapshot = events.snapshot();
+    for id in &ids {
+        let seen = &snapshot[id];
+        let starts: Vec<&Seen> = seen.iter().filter(|s| s.event == "started").collect();
+        assert_eq!(
+            starts.len(),
+            1,
+            "{id} started {} times: {seen:?}\n{}",
+            starts.len(),
+            paused.log_tail()
+        );
+        assert_eq!(starts[0].node, "n2");
+    }
+}
