@@ -444,6 +444,12 @@ pub struct ServeConfig {
     /// server stops delivering the message.
     #[arg(long, env = "DISPATCH_MAX_DELIVERIES", default_value_t = 200, value_parser = clap::value_parser!(i64).range(1..))]
     pub max_deliveries: i64,
+    /// Deliveries of one task that may begin no attempt (given back
+    /// unstarted at shutdown, or taken by a node that died before the
+    /// attempt was recorded) before it fails `crash_budget_exhausted`.
+    /// Attempts count runs, not deliveries.
+    #[arg(long, env = "DISPATCH_CRASH_BUDGET", default_value_t = 20)]
+    pub crash_budget: u32,
     /// How long a consumer's waiting pull lasts at the server before the
     /// node renews it. The server pushes a task (new, or redelivered) to a
     /// waiting pull at once; renewing only keeps the pull alive.
@@ -582,6 +588,7 @@ impl ServeConfig {
                 ack_wait: self.ack_wait,
                 max_ack_pending: self.max_ack_pending,
                 max_deliveries: self.max_deliveries,
+                crash_budget: self.crash_budget,
                 idle_poll: self.idle_poll,
                 fetch_batch: self.fetch_batch,
                 record_linger: self.record_linger,

@@ -47,6 +47,10 @@ pub enum ErrorCode {
     UnknownKind,
     /// The node shut down before the attempt finished.
     Shutdown,
+    /// The task was delivered many times without an attempt being
+    /// recorded (each node that took it died or gave it back before it
+    /// started): a poison task, ended instead of taking nodes down.
+    CrashBudgetExhausted,
 }
 
 impl ErrorCode {
@@ -70,6 +74,7 @@ impl ErrorCode {
             ErrorCode::DependencyFailed => "dependency_failed",
             ErrorCode::UnknownKind => "unknown_kind",
             ErrorCode::Shutdown => "shutdown",
+            ErrorCode::CrashBudgetExhausted => "crash_budget_exhausted",
         }
     }
 }

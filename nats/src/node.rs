@@ -259,6 +259,7 @@ impl Node {
                     stats,
                     held: held.clone(),
                     acks: node_acks,
+                    mirror: js_parts.as_ref().map(|p| p.mirror.clone()),
                 };
                 pulling = Some(
                     pull::start(

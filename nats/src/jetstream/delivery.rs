@@ -16,6 +16,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use super::cluster::HeldDeliveries;
+use super::records::RecordMirror;
+
+/// Longest a delivery given back for another attempt waits for its record
+/// write (the server may be away; the record write goes on retrying).
+const RECORD_BEFORE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::subjects::{Subjects, HEADER_MSG_ID};
 
 /// Counters of what deliveries did, shared by a node's deliveries.
@@ -42,6 +47,9 @@ pub struct DeliveryContext {
     pub held: HeldDeliveries,
     /// Where acks go out, in order.
     pub acks: Acks,
+    /// The KV record mirror: a delivery given back for another attempt
+    /// waits until the record says which attempt ended.
+    pub mirror: Option<RecordMirror>,
 }
 
 /// What the ack sender is handed.
@@ -173,7 +181,19 @@ impl Delivery for JsDelivery {
                 return;
             }
             Settlement::Done(_, _) => AckKind::Term,
-            Settlement::Retry { delay } => AckKind::Nak(Some(delay)),
+            Settlement::Retry { delay } => {
+                // The next delivery counts its attempt from the record:
+                // the `retrying` write goes first.
+                let Some(mirror) = ctx.mirror.clone() else {
+                    acks.send(acker, AckKind::Nak(Some(delay)), id);
+                    return;
+                };
+                tokio::spawn(async move {
+                    mirror.flush(&id, RECORD_BEFORE_RETRY).await;
+                    acks.send(acker, AckKind::Nak(Some(delay)), id);
+                });
+                return;
+            }
             Settlement::Release => AckKind::Nak(None),
         };
         acks.send(acker, kind_of_ack, id);

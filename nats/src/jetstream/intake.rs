@@ -41,14 +41,17 @@ pub(super) struct Intake {
     pub(super) cancels: PendingCancels,
     pub(super) mirror: RecordMirror,
     pub(super) records: kv::Store,
+    /// Deliveries that may begin no attempt before the task fails
+    /// `crash_budget_exhausted`.
+    pub(super) crash_budget: u32,
 }
 
 /// Whether a message may run, by the task's record.
 enum Claim {
     /// The record is this message's and the task is not over; `created`
     /// when this node made the record (the task was published straight
-    /// to the queue).
-    Run { created: bool },
+    /// to the queue); `attempts`: the attempts it records as begun.
+    Run { created: bool, attempts: u32 },
     /// The record is this message's, and the task is over: a delivery of
     /// work already done.
     Over,
@@ -113,8 +116,8 @@ impl Intake {
             return None;
         }
         let accepted = header(HEADER_ACCEPTED).is_some();
-        let created = match self.claim(&task, &msg.payload, accepted).await {
-            Claim::Run { created } => created,
+        let (created, attempts) = match self.claim(&task, &msg.payload, accepted).await {
+            Claim::Run { created, attempts } => (created, attempts),
             Claim::Over => {
                 // Done already (its ack was lost, or it was settled while
                 // this copy was on its way): removed, nothing to say.
@@ -136,18 +139,37 @@ impl Intake {
                 return None;
             }
         };
-        if delivered > task.max_attempts {
-            // Delivered again after its last attempt began: the node that
-            // held it stopped before it ended.
+        // An attempt is a run: the next one is the record's count plus
+        // one. Deliveries that began no attempt (given back unstarted, or
+        // taken by a node that died before it started the task) count
+        // only against the crash budget.
+        task.attempt = attempts + 1;
+        let idle_deliveries = delivered.saturating_sub(1).saturating_sub(attempts);
+        let ended = if attempts >= task.max_attempts {
+            // Its last attempt began, and the node running it stopped
+            // before it ended.
             task.attempt = task.max_attempts;
-            let error = ErrorInfo::new(
+            Some(ErrorInfo::new(
                 ErrorCode::WorkerCrashed,
                 format!(
-                    "delivered {delivered} times, past max_attempts {}: the node running \
-                     its last attempt stopped",
-                    task.max_attempts
+                    "its last attempt ({} of {}) began on a node that stopped before it ended",
+                    attempts, task.max_attempts
                 ),
-            );
+            ))
+        } else if idle_deliveries > self.crash_budget {
+            task.attempt = attempts.max(1);
+            Some(ErrorInfo::new(
+                ErrorCode::CrashBudgetExhausted,
+                format!(
+                    "delivered {delivered} times with {attempts} attempts begun: more than \
+                     {} deliveries began no attempt",
+                    self.crash_budget
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some(error) = ended {
             self.dispatcher.announce(
                 &task,
                 EventBody::Failed {
@@ -244,8 +266,12 @@ impl Intake {
                     if record.status.is_final() {
                         return Claim::Over;
                     }
+                    let attempts = record.attempt;
                     self.mirror.seed(record, Some(entry.revision));
-                    return Claim::Run { created: false };
+                    return Claim::Run {
+                        created: false,
+                        attempts,
+                    };
                 }
                 _ => {
                     let mut record = TaskRecord::queued(task, self.dispatcher.node());
@@ -258,7 +284,10 @@ impl Intake {
                     match self.records.create(id, value.into()).await {
                         Ok(revision) => {
                             self.mirror.seed(record, Some(revision));
-                            return Claim::Run { created: true };
+                            return Claim::Run {
+                                created: true,
+                                attempts: 0,
+                            };
                         }
                         // Another message with this id claimed it first:
                         // read what it wrote.

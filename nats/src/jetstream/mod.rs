@@ -52,6 +52,12 @@ pub struct JetStreamOptions {
     /// their first delivery, and a task's own attempts stop at its
     /// `max_attempts` long before.
     pub max_deliveries: i64,
+    /// Deliveries of one task that may begin no attempt (20): given back
+    /// unstarted at shutdown, or taken by a node that died before the
+    /// attempt was recorded. Past it the task fails
+    /// `crash_budget_exhausted` with a dead letter, so a task that takes
+    /// its node down before it even starts cannot do so for ever.
+    pub crash_budget: u32,
     /// How long a consumer's waiting pull lasts at the server before it is
     /// renewed (5 s). The server pushes a task, new or redelivered, to a
     /// waiting pull at once.
@@ -76,6 +82,7 @@ impl Default for JetStreamOptions {
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 10_000,
             max_deliveries: 200,
+            crash_budget: 20,
             idle_poll: Duration::from_secs(5),
             fetch_batch: 256,
             record_linger: Duration::from_millis(50),

@@ -164,6 +164,7 @@ pub async fn start(
             cancels,
             mirror,
             records: durable.records.clone(),
+            crash_budget: options.crash_budget,
         },
         js: durable.js.clone(),
         client,

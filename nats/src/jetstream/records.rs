@@ -64,6 +64,8 @@ enum Op {
     Seed(Box<TaskRecord>, Option<u64>),
     /// Write everything pending now, then say so.
     Drain(oneshot::Sender<()>),
+    /// Write this task's pending changes now, then say so.
+    Flush(String, oneshot::Sender<()>),
 }
 
 /// An [`EventSink`] that mirrors task events into KV records.
@@ -110,6 +112,17 @@ impl RecordMirror {
     /// already, or (without) to be created if absent. Saves a read.
     pub fn seed(&self, record: TaskRecord, revision: Option<u64>) {
         self.send(Op::Seed(Box::new(record), revision));
+    }
+
+    /// Waits until the changes of task `id` handed over before the call
+    /// are written (or given up on), at most `within`. A delivery that
+    /// comes back for another attempt is handed back only once the record
+    /// says which attempt ended, so the next one is counted right.
+    pub async fn flush(&self, id: &str, within: Duration) {
+        let (done, flushed) = oneshot::channel();
+        if self.tx.send(Op::Flush(id.to_owned(), done)).await.is_ok() {
+            let _ = tokio::time::timeout(within, flushed).await;
+        }
     }
 
     /// Waits until every change handed over before the call is written
@@ -198,9 +211,16 @@ impl Writer {
                 }
             }
             let now = Instant::now();
+            let mut flushes = Vec::new();
             for op in ops.drain(..) {
                 match op {
                     Op::Drain(done) => drains.push(done),
+                    Op::Flush(id, done) => {
+                        if self.pending.contains_key(&id) {
+                            self.ready.push(id);
+                        }
+                        flushes.push(done);
+                    }
                     op => self.fold(op, now),
                 }
             }
@@ -208,6 +228,9 @@ impl Writer {
             let round = self.take_round(now, all);
             if !round.is_empty() {
                 self.write_round(round).await;
+            }
+            for done in flushes {
+                let _ = done.send(());
             }
             if all && self.pending.is_empty() {
                 for done in drains.drain(..) {
@@ -227,7 +250,7 @@ impl Writer {
                 e.body.status().is_some_and(|s| s.is_final()),
             ),
             Op::Seed(r, _) => (r.id.as_str(), false),
-            Op::Drain(_) => return,
+            Op::Drain(_) | Op::Flush(..) => return,
         };
         let pending = match self.pending.get_mut(id) {
             Some(p) => p,
@@ -242,7 +265,7 @@ impl Writer {
         match op {
             Op::Event(e) => pending.events.push(e),
             Op::Seed(record, revision) => pending.seed = Some((record, revision)),
-            Op::Drain(_) => {}
+            Op::Drain(_) | Op::Flush(..) => {}
         }
     }
 
