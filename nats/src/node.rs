@@ -468,6 +468,9 @@ async fn heartbeats(
             "stats": stats,
             "dropped_events": publisher.dropped(),
             "reclaimed": cluster.reclaimed(),
+            // A node with no slot in service takes no work (it pulls
+            // nothing): say so, for `nodes` and for operators.
+            "taking_work": stats.workers > 0,
         });
         if let Some(js) = &js {
             let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);

@@ -68,6 +68,7 @@ async fn a_node_with_every_slot_disabled_takes_no_work() {
     for _ in 0..3 {
         let (_, snapshot) = next_json(&mut snapshots).await;
         assert_eq!(snapshot["stats"]["workers"], 0, "{snapshot}");
+        assert_eq!(snapshot["taking_work"], false, "{snapshot}");
     }
     let healthy = start_node(&server.url(), "b-healthy", false).await;
     let ids: Vec<String> = (0..10).map(|i| format!("e{i}")).collect();

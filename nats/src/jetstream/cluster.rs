@@ -156,6 +156,7 @@ impl Cluster {
                     "node": id,
                     "seen_ms_ago": p.last_seen.elapsed().as_millis() as u64,
                     "stats": p.snapshot.get("stats").cloned().unwrap_or(Value::Null),
+                    "taking_work": p.snapshot.get("taking_work").cloned().unwrap_or(Value::Null),
                 })
             })
             .collect()
