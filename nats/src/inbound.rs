@@ -41,9 +41,9 @@ impl Refusal {
     }
 
     /// A body the codec refused, with its id if one can still be read.
-    fn codec(kind: Option<&str>, e: &CodecError, codec: Option<Codec>, body: &[u8]) -> Self {
+    fn codec(kind: Option<&str>, e: &CodecError, codec: Codec, body: &[u8]) -> Self {
         Self {
-            id: codec.and_then(|c| readable_id(c, body)),
+            id: readable_id(codec, body),
             ..Self::new(kind, e.to_info())
         }
     }
@@ -120,12 +120,7 @@ impl Reader {
         body: &[u8],
     ) -> Result<Submission, Refusal> {
         let kind = self.subjects.token(subject, 1);
-        let codec =
-            Codec::from_content_type(content_type).map_err(|e| Refusal::new(kind, e.to_info()))?;
-        let decoded = codec
-            .decode(body, &self.limits)
-            .map_err(|e| Refusal::codec(kind, &e, Some(codec), body))?;
-        Ok(match decoded {
+        Ok(match self.decode(kind, content_type, body)? {
             Decoded::One(spec) => Submission::One(self.validate(*spec, kind)),
             Decoded::Batch(items) => Submission::Batch(
                 items
@@ -173,18 +168,15 @@ impl Reader {
             );
             return Err(Refusal::new(kind, error));
         };
-        let codec =
-            Codec::from_content_type(content_type).map_err(|e| Refusal::new(kind, e.to_info()))?;
-        let mut spec = match codec.decode(body, &self.limits) {
-            Ok(Decoded::One(spec)) => *spec,
-            Ok(Decoded::Batch(_)) => {
+        let mut spec = match self.decode(kind, content_type, body)? {
+            Decoded::One(spec) => *spec,
+            Decoded::Batch(_) => {
                 let error = ErrorInfo::new(
                     ErrorCode::InvalidJson,
                     "one task per message on the queue; send batches to the submit subject",
                 );
                 return Err(Refusal::new(kind, error));
             }
-            Err(e) => return Err(Refusal::codec(kind, &e, Some(codec), body)),
         };
         if let Some(p) = spec.priority.as_deref().filter(|p| *p != priority.as_str()) {
             let error = ErrorInfo::field(
@@ -234,6 +226,20 @@ impl Reader {
                 Err(refuse(error))
             }
         }
+    }
+
+    /// Picks the codec and decodes the body within the limits.
+    fn decode(
+        &self,
+        kind: Option<&str>,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<Decoded, Refusal> {
+        let codec =
+            Codec::from_content_type(content_type).map_err(|e| Refusal::new(kind, e.to_info()))?;
+        codec
+            .decode(body, &self.limits)
+            .map_err(|e| Refusal::codec(kind, &e, codec, body))
     }
 
     fn validate(&self, spec: TaskSpec, kind: Option<&str>) -> Result<Task, Refusal> {
