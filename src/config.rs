@@ -204,6 +204,7 @@ pub struct Connection {
     /// must carry the same.
     #[arg(
         long,
+        global = true,
         env = "DISPATCH_NATS_URL",
         default_value = "nats://127.0.0.1:4222",
         value_delimiter = ',',
@@ -211,56 +212,57 @@ pub struct Connection {
     )]
     pub nats_url: Vec<String>,
     /// Subject prefix shared by nodes and clients.
-    #[arg(long, env = "DISPATCH_PREFIX", default_value = "dispatch")]
+    #[arg(long, global = true, env = "DISPATCH_PREFIX", default_value = "dispatch")]
     pub prefix: String,
     /// User name, with --nats-password. Give one way to log in only: user
     /// and password, token, creds file, NKey file, or the URL's (any two
     /// are refused).
-    #[arg(long, env = "DISPATCH_NATS_USER", requires = "nats_password")]
+    #[arg(long, global = true, env = "DISPATCH_NATS_USER", requires = "nats_password")]
     pub nats_user: Option<String>,
     /// Password, with --nats-user; prefer the variable to the flag.
     #[arg(
         long,
+        global = true,
         env = "DISPATCH_NATS_PASSWORD",
         hide_env_values = true,
         requires = "nats_user"
     )]
     pub nats_password: Option<String>,
     /// Authentication token; prefer the variable to the flag.
-    #[arg(long, env = "DISPATCH_NATS_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "DISPATCH_NATS_TOKEN", hide_env_values = true)]
     pub nats_token: Option<String>,
     /// Credentials file (user JWT and NKey seed, as `nsc` writes them);
     /// checked at start.
-    #[arg(long, env = "DISPATCH_NATS_CREDS")]
+    #[arg(long, global = true, env = "DISPATCH_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
     /// File holding a user NKey seed (one line, `SU…`); checked at start.
-    #[arg(long, env = "DISPATCH_NATS_NKEY")]
+    #[arg(long, global = true, env = "DISPATCH_NATS_NKEY")]
     pub nats_nkey: Option<PathBuf>,
     /// CA certificate(s) (PEM) to verify the server with; implies TLS. A
     /// file without a PEM certificate is refused at start.
-    #[arg(long, env = "DISPATCH_TLS_CA")]
+    #[arg(long, global = true, env = "DISPATCH_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// Client certificate (PEM), with --tls-key; checked at start.
-    #[arg(long, env = "DISPATCH_TLS_CERT", requires = "tls_key")]
+    #[arg(long, global = true, env = "DISPATCH_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// Client private key (PEM), with --tls-cert; checked at start.
-    #[arg(long, env = "DISPATCH_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, global = true, env = "DISPATCH_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Refuse to talk to the server without TLS.
-    #[arg(long, env = "DISPATCH_TLS_REQUIRED")]
+    #[arg(long, global = true, env = "DISPATCH_TLS_REQUIRED")]
     pub tls_required: bool,
     /// Connection name the server shows (monitoring, `nats server report`).
-    #[arg(long, env = "DISPATCH_CONNECTION_NAME")]
+    #[arg(long, global = true, env = "DISPATCH_CONNECTION_NAME")]
     pub connection_name: Option<String>,
     /// Reconnection attempts after a lost connection; 0 = forever.
-    #[arg(long, env = "DISPATCH_MAX_RECONNECTS", default_value_t = 0)]
+    #[arg(long, global = true, env = "DISPATCH_MAX_RECONNECTS", default_value_t = 0)]
     pub max_reconnects: usize,
     /// Longest pause between reconnection attempts (they back off
     /// exponentially from 100 ms up to this).
-    #[arg(long, env = "DISPATCH_RECONNECT_DELAY_MAX", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "DISPATCH_RECONNECT_DELAY_MAX", default_value = "5s", value_parser = parse_duration)]
     pub reconnect_delay_max: Duration,
     /// How long connecting may take.
-    #[arg(long, env = "DISPATCH_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "DISPATCH_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 }
 
@@ -523,7 +525,8 @@ impl ServeConfig {
         config.cleanup_interval = self.cleanup_interval;
         config.max_records = self.max_records;
         config.error_capacity = self.max_errors;
-        config.validate().map_err(|e| e.to_string())?;
+        // The caller says "invalid configuration" once.
+        config.validate().map_err(|e| e.0)?;
         if self.default_timeout_ms == 0 || self.default_timeout_ms > 24 * 3600 * 1000 {
             return Err("default timeout must be 1 ms to 24 h".into());
         }
