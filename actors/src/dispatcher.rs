@@ -597,6 +597,17 @@ impl Dispatcher {
             .map_err(gone)
     }
 
+    /// Attempt durations as `(µs, count)` pairs, rounded to two
+    /// significant digits: mergeable with other dispatchers' (see
+    /// [`metrics::GetDurations`]).
+    pub async fn durations(&self) -> Result<Vec<(u64, u64)>, DispatchError> {
+        self.inner
+            .metrics
+            .send(metrics::GetDurations)
+            .await
+            .map_err(gone)
+    }
+
     /// Counters, gauges and durations.
     pub async fn stats(&self) -> Result<Stats, DispatchError> {
         let gauges = self

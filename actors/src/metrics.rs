@@ -122,6 +122,39 @@ impl Handler<GetStats> for Metrics {
     }
 }
 
+/// The attempt durations as `(µs, count)` pairs, ascending, each
+/// duration rounded to two significant digits (at most 5 % off), so that
+/// a node can publish them compactly and the durations of several nodes
+/// can be merged into one distribution.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<(u64, u64)>")]
+pub struct GetDurations;
+
+impl Handler<GetDurations> for Metrics {
+    type Result = MessageResult<GetDurations>;
+
+    fn handle(&mut self, _msg: GetDurations, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for v in self.durations.iter_recorded() {
+            let us = round_two_digits(v.value_iterated_to());
+            match out.last_mut() {
+                Some((last, n)) if *last == us => *n += v.count_at_value(),
+                _ => out.push((us, v.count_at_value())),
+            }
+        }
+        MessageResult(out)
+    }
+}
+
+/// `v` rounded to two significant digits (`1234` → `1200`).
+fn round_two_digits(v: u64) -> u64 {
+    let mut step = 1;
+    while v / step >= 100 {
+        step *= 10;
+    }
+    (v + step / 2) / step * step
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +180,10 @@ mod tests {
         assert!((s.avg_ms - 20.0).abs() < 0.1, "{}", s.avg_ms);
         assert!((s.p50_ms - 20.0).abs() < 0.1, "{}", s.p50_ms);
         assert!((s.p99_ms - 30.0).abs() < 0.1, "{}", s.p99_ms);
+        let d = m.send(GetDurations).await.unwrap();
+        assert_eq!(d, vec![(10_000, 1), (20_000, 1), (30_000, 1)]);
+        assert_eq!(round_two_digits(1234), 1200);
+        assert_eq!(round_two_digits(99), 99);
+        assert_eq!(round_two_digits(995), 1000);
     }
 }

@@ -136,6 +136,36 @@ pub struct ErrorEntry {
     pub error: ErrorInfo,
     /// When.
     pub ts: Timestamp,
+    /// What the attempt led to: `retrying`, `failed` or `timed_out`.
+    #[serde(default)]
+    pub status: Option<TaskStatus>,
+    /// The node that ran the attempt.
+    #[serde(default)]
+    pub node: Option<NodeId>,
+}
+
+impl ErrorEntry {
+    /// The entry of `event`, if it is a failed attempt (`retrying`,
+    /// `failed` or `timed_out`).
+    pub fn of(event: &TaskEvent) -> Option<Self> {
+        let error = match &event.body {
+            EventBody::Retrying { error, .. } | EventBody::Failed { error, .. } => error.clone(),
+            EventBody::TimedOut { timeout_ms } => ErrorInfo::new(
+                crate::error::ErrorCode::Timeout,
+                format!("the attempt ran past its timeout of {timeout_ms} ms"),
+            ),
+            _ => return None,
+        };
+        Some(Self {
+            task_id: event.task_id.clone(),
+            kind: event.kind.clone(),
+            attempt: event.attempt,
+            error,
+            ts: event.ts,
+            status: event.status(),
+            node: Some(event.node.clone()),
+        })
+    }
 }
 
 /// Counters and gauges of one dispatcher (PROTOCOL.md's `stats`).

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use actix::{Actor, AsyncContext, Context, Handler, Message, MessageResult};
 
 use crate::dispatcher::ListFilter;
-use crate::error::{ErrorCode, ErrorInfo};
-use crate::event::{EventBody, TaskEvent, TaskStatus};
+use crate::event::{TaskEvent, TaskStatus};
 use crate::record::{ErrorEntry, TaskRecord};
 use crate::task::TaskId;
 
@@ -219,24 +218,8 @@ impl Handler<RecordEvent> for Registry {
     type Result = ();
 
     fn handle(&mut self, RecordEvent(event): RecordEvent, _ctx: &mut Context<Self>) {
-        let error = match &event.body {
-            EventBody::Retrying { error, .. } | EventBody::Failed { error, .. } => {
-                Some(error.clone())
-            }
-            EventBody::TimedOut { timeout_ms } => Some(ErrorInfo::new(
-                ErrorCode::Timeout,
-                format!("the attempt ran past its timeout of {timeout_ms} ms"),
-            )),
-            _ => None,
-        };
-        if let Some(error) = error {
-            self.push_error(ErrorEntry {
-                task_id: event.task_id.clone(),
-                kind: event.kind.clone(),
-                attempt: event.attempt,
-                error,
-                ts: event.ts,
-            });
+        if let Some(entry) = ErrorEntry::of(&event) {
+            self.push_error(entry);
         }
         let Some(kept) = self.records.get_mut(&event.task_id) else {
             return;
@@ -331,6 +314,8 @@ impl Handler<CountRecords> for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{ErrorCode, ErrorInfo};
+    use crate::event::EventBody;
     use crate::task::{NodeId, TaskDefaults, TaskSpec};
     use serde_json::json;
 
