@@ -212,12 +212,22 @@ pub struct Connection {
     )]
     pub nats_url: Vec<String>,
     /// Subject prefix shared by nodes and clients.
-    #[arg(long, global = true, env = "DISPATCH_PREFIX", default_value = "dispatch")]
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_PREFIX",
+        default_value = "dispatch"
+    )]
     pub prefix: String,
     /// User name, with --nats-password. Give one way to log in only: user
     /// and password, token, creds file, NKey file, or the URL's (any two
     /// are refused).
-    #[arg(long, global = true, env = "DISPATCH_NATS_USER", requires = "nats_password")]
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_NATS_USER",
+        requires = "nats_password"
+    )]
     pub nats_user: Option<String>,
     /// Password, with --nats-user; prefer the variable to the flag.
     #[arg(
@@ -229,7 +239,12 @@ pub struct Connection {
     )]
     pub nats_password: Option<String>,
     /// Authentication token; prefer the variable to the flag.
-    #[arg(long, global = true, env = "DISPATCH_NATS_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_NATS_TOKEN",
+        hide_env_values = true
+    )]
     pub nats_token: Option<String>,
     /// Credentials file (user JWT and NKey seed, as `nsc` writes them);
     /// checked at start.
@@ -255,7 +270,12 @@ pub struct Connection {
     #[arg(long, global = true, env = "DISPATCH_CONNECTION_NAME")]
     pub connection_name: Option<String>,
     /// Reconnection attempts after a lost connection; 0 = forever.
-    #[arg(long, global = true, env = "DISPATCH_MAX_RECONNECTS", default_value_t = 0)]
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_MAX_RECONNECTS",
+        default_value_t = 0
+    )]
     pub max_reconnects: usize,
     /// Longest pause between reconnection attempts (they back off
     /// exponentially from 100 ms up to this).
@@ -417,7 +437,9 @@ pub struct ServeConfig {
     /// Most task records kept; past it the oldest finished go first.
     #[arg(long, env = "DISPATCH_MAX_RECORDS", default_value_t = 100_000)]
     pub max_records: usize,
-    /// Most entries in the error list (the oldest go first).
+    /// Most entries in the error list (the oldest go first): the node's own
+    /// list, and in jetstream mode the cluster's error stream (set when
+    /// the stream is created).
     #[arg(long, env = "DISPATCH_MAX_ERRORS", default_value_t = 1_000)]
     pub max_errors: usize,
     /// JetStream storage of the streams and buckets: file or memory.
@@ -596,6 +618,7 @@ impl ServeConfig {
                 fetch_batch: self.fetch_batch,
                 record_linger: self.record_linger,
                 retention: self.retention,
+                max_errors: i64::try_from(self.max_errors).unwrap_or(i64::MAX),
                 ..JetStreamOptions::default()
             },
         }

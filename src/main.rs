@@ -9,8 +9,12 @@ use dispatcher::config::{Connection, ServeConfig, CONFIG_ENV, CONFIG_FLAG};
 use dispatcher::credentials::redact;
 use dispatcher::demo::DemoArgs;
 use dispatcher::watch::Tracker;
-use dispatcher_actors::{EventBody, NodeEvent, TaskEvent, TaskSpec};
-use dispatcher_nats::{ApiEndpoint, Subjects};
+use dispatcher_actors::{
+    ErrorCode, ErrorInfo, EventBody, ListFilter, NodeEvent, TaskEvent, TaskKind, TaskSpec,
+    TaskStatus,
+};
+use dispatcher_nats::client::ErrorFilter;
+use dispatcher_nats::{ApiEndpoint, Client, ClientError, Subjects};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -68,16 +72,20 @@ enum Command {
     Status(IdArgs),
     /// Cancel a queued or running task (control API `cancel`).
     Cancel(IdArgs),
-    /// List task records, newest first (control API `list`).
+    /// List task records, newest first (control API `list`), a page at a
+    /// time: the reply's `next`, given as --cursor, is the next page.
     ///
-    /// Example: dispatcher list --status failed --limit 20
+    /// Example: dispatcher list --status failed --limit 20 [--cursor 81234]
     List(ListArgs),
-    /// Show this node's counters and durations, cluster totals, per-node
-    /// figures and (jetstream mode) the stream backlog per kind and
-    /// priority (control API `stats`).
+    /// Show counters and durations (jetstream mode: the cluster's; core
+    /// mode: the answering node's), per-node figures and (jetstream mode)
+    /// the stream backlog per kind and priority (control API `stats`).
     Stats(ConnArgs),
-    /// Show the latest failed attempts (control API `errors`).
-    Errors(ListArgs),
+    /// Show the latest failed attempts, newest first (control API
+    /// `errors`; jetstream mode: the whole cluster's, kept across restarts).
+    ///
+    /// Example: dispatcher errors --kind report --status failed
+    Errors(ErrorsArgs),
     /// List live nodes (from their heartbeats), with their figures.
     Nodes(ConnArgs),
     /// The dead letters (jetstream mode): tasks whose attempts were spent.
@@ -149,6 +157,24 @@ struct ListArgs {
     /// At most this many.
     #[arg(long, default_value_t = 100)]
     limit: usize,
+    /// Where to go on: the `next` of the previous page.
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ErrorsArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Only attempts that led to this status (retrying, failed, timed_out).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only attempts of tasks of this kind.
+    #[arg(long)]
+    kind: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
 }
 
 #[derive(clap::Args)]
@@ -215,18 +241,8 @@ fn main() -> ExitCode {
             Command::Cancel(a) => {
                 api(&a.connection, ApiEndpoint::Cancel, json!({"id": a.id})).await
             }
-            Command::List(a) => {
-                let body = json!({"status": a.status, "kind": a.kind, "limit": a.limit});
-                api(&a.connection, ApiEndpoint::List, body).await
-            }
-            Command::Errors(a) => {
-                api(
-                    &a.connection,
-                    ApiEndpoint::Errors,
-                    json!({"limit": a.limit}),
-                )
-                .await
-            }
+            Command::List(a) => list(a).await,
+            Command::Errors(a) => errors(a).await,
             Command::Stats(a) => api(&a.connection, ApiEndpoint::Stats, json!({})).await,
             Command::Nodes(a) => api(&a.connection, ApiEndpoint::Nodes, json!({})).await,
             Command::Dead(a) => dispatcher::dead::run(a).await.map(|found| {
@@ -283,6 +299,91 @@ async fn api(
     } else {
         ExitCode::from(2)
     })
+}
+
+/// A client of the control API on `connection`.
+async fn client(connection: &Connection) -> anyhow::Result<Client> {
+    let nats = connection.connect("dispatcher cli").await?;
+    Ok(Client::new(nats, &connection.prefix)?)
+}
+
+/// Prints a typed reply as the node's JSON: `{"ok": true, …fields}`, or
+/// `{"ok": false, "error": …}` for a refusal (exit code 2).
+fn print_reply(reply: Result<serde_json::Value, ClientError>) -> anyhow::Result<ExitCode> {
+    let (body, code) = match reply {
+        Ok(mut fields) => {
+            fields["ok"] = true.into();
+            (fields, ExitCode::SUCCESS)
+        }
+        Err(ClientError::Rejected(info) | ClientError::Invalid(info)) => {
+            (json!({"ok": false, "error": info}), ExitCode::from(2))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(code)
+}
+
+/// One page of `list`, with its `next` cursor.
+async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let client = client(&args.connection).await?;
+    let reply = async {
+        let status = args
+            .status
+            .map(|s| {
+                TaskStatus::parse(&s).ok_or_else(|| {
+                    ClientError::Invalid(ErrorInfo::field(
+                        ErrorCode::InvalidField,
+                        "status",
+                        "status must be one of queued, running, retrying, completed, failed, timed_out, cancelled",
+                    ))
+                })
+            })
+            .transpose()?;
+        let kind = args
+            .kind
+            .map(TaskKind::new)
+            .transpose()
+            .map_err(ClientError::Invalid)?;
+        let filter = ListFilter {
+            status,
+            kind,
+            limit: args.limit,
+        };
+        let (tasks, next) = client.list_page(&filter, args.cursor.as_deref()).await?;
+        Ok(json!({"tasks": tasks, "next": next}))
+    }
+    .await;
+    print_reply(reply)
+}
+
+/// The latest failed attempts, filtered.
+async fn errors(args: ErrorsArgs) -> anyhow::Result<ExitCode> {
+    let client = client(&args.connection).await?;
+    let reply = async {
+        let status = args
+            .status
+            .map(|s| {
+                TaskStatus::parse(&s).ok_or_else(|| {
+                    ClientError::Invalid(ErrorInfo::field(
+                        ErrorCode::InvalidField,
+                        "status",
+                        "status must be one of retrying, failed, timed_out",
+                    ))
+                })
+            })
+            .transpose()?;
+        let kind = args
+            .kind
+            .map(TaskKind::new)
+            .transpose()
+            .map_err(ClientError::Invalid)?;
+        let filter = ErrorFilter { kind, status };
+        let errors = client.errors_matching(&filter, args.limit).await?;
+        Ok(json!({ "errors": errors }))
+    }
+    .await;
+    print_reply(reply)
 }
 
 async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {

@@ -58,7 +58,11 @@ fn bad_worker_counts_are_refused_clearly() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("workers must be 1 to 10"), "{err}");
-        assert_eq!(err.matches("invalid configuration").count(), 1, "said once: {err}");
+        assert_eq!(
+            err.matches("invalid configuration").count(),
+            1,
+            "said once: {err}"
+        );
     }
 }
 
@@ -66,8 +70,22 @@ fn bad_worker_counts_are_refused_clearly() {
 fn connection_flags_go_before_or_after_a_subcommand() {
     // Nothing listens on port 1: parsing passes, connecting fails.
     for args in [
-        ["dead", "list", "--prefix", "acme", "--nats-url", "nats://127.0.0.1:1"],
-        ["dead", "--prefix", "acme", "--nats-url", "nats://127.0.0.1:1", "list"],
+        [
+            "dead",
+            "list",
+            "--prefix",
+            "acme",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ],
+        [
+            "dead",
+            "--prefix",
+            "acme",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "list",
+        ],
     ] {
         let out = run(&args);
         let err = String::from_utf8_lossy(&out.stderr);

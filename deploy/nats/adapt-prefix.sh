@@ -5,7 +5,7 @@
 #   deploy/nats/adapt-prefix.sh acme.jobs < deploy/nats/dispatch.conf > acme.conf
 #
 #   subjects   "dispatch.…"        -> "acme.jobs.…"
-#   streams    DISPATCH_TASKS/DEAD -> ACME_JOBS_TASKS/DEAD
+#   streams    DISPATCH_TASKS/DEAD/ERRORS -> ACME_JOBS_TASKS/DEAD/ERRORS
 #   buckets    dispatch_tasks      -> acme_jobs_tasks (and _cancels)
 #
 # What stays: the account names, the micro service's name `dispatch` in
@@ -31,5 +31,6 @@ upper=$(printf '%s' "$token" | tr '[:lower:]' '[:upper:]')
 sed -e "s/\"dispatch\\./\"$prefix./g" \
     -e "s/DISPATCH_TASKS/${upper}_TASKS/g" \
     -e "s/DISPATCH_DEAD/${upper}_DEAD/g" \
+    -e "s/DISPATCH_ERRORS/${upper}_ERRORS/g" \
     -e "s/dispatch_tasks/${token}_tasks/g" \
     -e "s/dispatch_cancels/${token}_cancels/g"

@@ -48,6 +48,7 @@ use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+pub use crate::jetstream::errors::ErrorFilter;
 use crate::subjects::{ApiEndpoint, InvalidPrefix, Subjects};
 
 /// How long a request waits for its reply unless [`Client::with_timeout`]
@@ -261,9 +262,41 @@ impl Client {
         Ok(())
     }
 
-    /// Task records matching `filter`, newest first (`<p>.api.list`). The
-    /// node caps `limit` at 10 000 and refuses 0.
+    /// Task records matching `filter`, newest first (`<p>.api.list`): the
+    /// first page only (see [`Client::list_page`] for the rest). The node
+    /// caps `limit` at 10 000 and refuses 0.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, ClientError> {
+        Ok(self.list_page(filter, None).await?.0)
+    }
+
+    /// One page of task records matching `filter`, newest first, from
+    /// `cursor` on (the first page with `None`), and the cursor of the
+    /// next page (`None` after the last). A page may hold fewer than
+    /// `filter.limit` records, even none, and still have a next one (a
+    /// node reads a bounded part of the records per request): follow
+    /// the cursor until it is `None`.
+    ///
+    /// ```no_run
+    /// # use dispatcher_actors::ListFilter;
+    /// # async fn run(client: dispatcher_nats::Client) -> Result<(), dispatcher_nats::ClientError> {
+    /// let filter = ListFilter { limit: 1000, ..ListFilter::default() };
+    /// let mut cursor = None;
+    /// loop {
+    ///     let (tasks, next) = client.list_page(&filter, cursor.as_deref()).await?;
+    ///     println!("{} records", tasks.len());
+    ///     match next {
+    ///         Some(next) => cursor = Some(next),
+    ///         None => break,
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn list_page(
+        &self,
+        filter: &ListFilter,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<TaskRecord>, Option<String>), ClientError> {
         let mut body = Map::new();
         if let Some(status) = filter.status {
             body.insert("status".into(), status.as_str().into());
@@ -272,17 +305,56 @@ impl Client {
             body.insert("kind".into(), kind.as_str().into());
         }
         body.insert("limit".into(), filter.limit.into());
-        self.api(ApiEndpoint::List, Value::Object(body), "tasks")
-            .await
+        if let Some(cursor) = cursor {
+            body.insert("cursor".into(), cursor.into());
+        }
+        let subject = self.subjects.api(ApiEndpoint::List);
+        let reply = self
+            .request(&subject, Value::Object(body).to_string().into_bytes())
+            .await?;
+        let mut fields = ok_fields(&subject, reply)?;
+        let tasks = take(&subject, &mut fields, "tasks")?;
+        // A node from before paging sends no `next`: one page in all.
+        let next = match fields.remove("next") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(next)) => Some(next),
+            Some(other) => {
+                return Err(ClientError::decode(
+                    &subject,
+                    serde_json::Error::custom(format!("`next` is not a string: {other}")),
+                ))
+            }
+        };
+        Ok((tasks, next))
     }
 
     /// The latest `limit` failed attempts, newest first (`<p>.api.errors`).
     pub async fn errors(&self, limit: usize) -> Result<Vec<ErrorEntry>, ClientError> {
-        self.api(ApiEndpoint::Errors, json!({ "limit": limit }), "errors")
-            .await
+        self.errors_matching(&ErrorFilter::default(), limit).await
     }
 
-    /// Counters and gauges of the node that answers (`<p>.api.stats`).
+    /// The latest `limit` failed attempts that pass `filter` (kind, and
+    /// the status the attempt led to: `retrying`, `failed` or
+    /// `timed_out`), newest first (`<p>.api.errors`). In mode
+    /// `jetstream` the list is the whole cluster's and outlives nodes.
+    pub async fn errors_matching(
+        &self,
+        filter: &ErrorFilter,
+        limit: usize,
+    ) -> Result<Vec<ErrorEntry>, ClientError> {
+        let mut body = json!({ "limit": limit });
+        if let Some(kind) = &filter.kind {
+            body["kind"] = kind.as_str().into();
+        }
+        if let Some(status) = filter.status {
+            body["status"] = status.as_str().into();
+        }
+        self.api(ApiEndpoint::Errors, body, "errors").await
+    }
+
+    /// The counters and gauges of `<p>.api.stats`: in mode `jetstream`
+    /// the whole cluster's (the live nodes' summed, durations merged), in
+    /// mode `core` those of the node that answers.
     pub async fn stats(&self) -> Result<Stats, ClientError> {
         self.api(ApiEndpoint::Stats, json!({}), "stats").await
     }

@@ -20,6 +20,7 @@ use crate::codec::Limits;
 use crate::jetstream::cancels::{self, PendingCancels};
 use crate::jetstream::cluster::{self, Cluster, HeldDeliveries};
 use crate::jetstream::delivery::{Acks, DeliveryContext, DeliveryStats};
+use crate::jetstream::errors::ErrorLog;
 use crate::jetstream::pull::Pulling;
 use crate::jetstream::records::RecordMirror;
 use crate::jetstream::store::DurableStore;
@@ -198,7 +199,11 @@ impl Node {
                 js_options.record_linger,
                 held.clone(),
             );
-            let tee = Tee(vec![Arc::new(publisher.clone()), Arc::new(mirror.clone())]);
+            let tee = Tee(vec![
+                Arc::new(publisher.clone()),
+                Arc::new(mirror.clone()),
+                Arc::new(ErrorLog::new(publisher.clone(), subjects.clone())),
+            ]);
             js_parts = Some(JsParts {
                 held: held.clone(),
                 mirror,
@@ -301,6 +306,7 @@ impl Node {
             records: d.records.clone(),
             cancels: d.cancels.clone(),
             tasks: d.tasks.clone(),
+            errors: d.errors.clone(),
             js: d.js.clone(),
             subjects: subjects.clone(),
             reader: crate::inbound::Reader::new(
@@ -449,8 +455,11 @@ async fn heartbeats(
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let (Ok(workers), Ok(stats)) = (dispatcher.workers().await, dispatcher.stats().await)
-        else {
+        let (Ok(workers), Ok(stats), Ok(durations)) = (
+            dispatcher.workers().await,
+            dispatcher.stats().await,
+            dispatcher.durations().await,
+        ) else {
             return;
         };
         let node = dispatcher.node().clone();
@@ -466,6 +475,7 @@ async fn heartbeats(
             "node": node,
             "ts": dispatcher_actors::Timestamp::now(),
             "stats": stats,
+            "durations": durations,
             "dropped_events": publisher.dropped(),
             "reclaimed": cluster.reclaimed(),
             // A node with no slot in service takes no work (it pulls

@@ -186,6 +186,17 @@ impl Subjects {
         format!("{}.dead.>", self.prefix)
     }
 
+    /// `<p>.errors.<kind>`: a failed attempt of a task of `kind`, kept in
+    /// the error stream (mode `jetstream`).
+    pub fn error(&self, kind: &str) -> String {
+        format!("{}.errors.{kind}", self.prefix)
+    }
+
+    /// `<p>.errors.*`: the subjects of the error stream.
+    pub fn errors_all(&self) -> String {
+        format!("{}.errors.*", self.prefix)
+    }
+
     /// The prefix as a name token: `.` and `-` become `_`.
     fn name_token(&self) -> String {
         self.prefix.replace(['.', '-'], "_")
@@ -199,6 +210,11 @@ impl Subjects {
     /// The dead-letter stream: `DISPATCH_DEAD` for the default prefix.
     pub fn stream_dead(&self) -> String {
         format!("{}_DEAD", self.name_token().to_uppercase())
+    }
+
+    /// The error stream: `DISPATCH_ERRORS` for the default prefix.
+    pub fn stream_errors(&self) -> String {
+        format!("{}_ERRORS", self.name_token().to_uppercase())
     }
 
     /// The KV bucket of task records: `dispatch_tasks` for the default prefix.
@@ -308,6 +324,9 @@ mod tests {
         assert_eq!(s.dead("echo"), "dispatch.dead.echo");
         assert_eq!(s.stream_tasks(), STREAM_TASKS);
         assert_eq!(s.stream_dead(), "DISPATCH_DEAD");
+        assert_eq!(s.stream_errors(), "DISPATCH_ERRORS");
+        assert_eq!(s.error("echo"), "dispatch.errors.echo");
+        assert_eq!(s.errors_all(), "dispatch.errors.*");
         assert_eq!(s.bucket_tasks(), KV_BUCKET);
         assert_eq!(s.bucket_cancels(), "dispatch_cancels");
         assert_eq!(s.consumer("echo", Priority::Low), "echo_low");

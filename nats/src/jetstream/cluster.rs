@@ -135,6 +135,19 @@ impl Peer {
     }
 }
 
+/// One live node's figures, as its latest snapshot gave them.
+#[derive(Clone, Debug)]
+pub struct NodeFigures {
+    /// The node.
+    pub node: String,
+    /// How long ago it was last heard of.
+    pub seen_ms_ago: u64,
+    /// Its `stats`.
+    pub stats: Value,
+    /// Its attempt durations, `[[µs, count], …]` (two significant digits).
+    pub durations: Value,
+}
+
 /// The cluster view: live nodes, their latest figures, reclaims done.
 #[derive(Clone)]
 pub struct Cluster {
@@ -158,6 +171,25 @@ impl Cluster {
                     "stats": p.snapshot.get("stats").cloned().unwrap_or(Value::Null),
                     "taking_work": p.snapshot.get("taking_work").cloned().unwrap_or(Value::Null),
                 })
+            })
+            .collect()
+    }
+
+    /// The live nodes' latest figures, from their latest snapshots, read
+    /// at one instant (for cluster-wide stats).
+    pub fn figures(&self) -> Vec<NodeFigures> {
+        let peers = self.peers.lock().expect("not poisoned");
+        peers
+            .iter()
+            .filter(|(_, p)| !p.gone)
+            .map(|(id, p)| {
+                let field = |name: &str| p.snapshot.get(name).cloned().unwrap_or(Value::Null);
+                NodeFigures {
+                    node: id.clone(),
+                    seen_ms_ago: p.last_seen.elapsed().as_millis() as u64,
+                    stats: field("stats"),
+                    durations: field("durations"),
+                }
             })
             .collect()
     }

@@ -15,14 +15,20 @@
 //! - [`replay`]: the `replay` API: a dead task runs again.
 //! - [`cancels`]: cancel requests for tasks no node (or another node) holds.
 //! - [`cluster`]: the live nodes, and fast reclaim of a dead node's tasks.
+//! - [`errors`]: the cluster's error list, a bounded stream every node
+//!   publishes its failed attempts to.
+//! - [`scan`]: reads a stream backwards by sequence, a page at a time
+//!   (`list` over the record bucket, `errors`).
 
 pub mod cancels;
 pub mod cluster;
 pub mod delivery;
+pub mod errors;
 mod intake;
 pub mod pull;
 pub mod records;
 pub mod replay;
+pub mod scan;
 pub mod setup;
 pub mod store;
 
@@ -71,6 +77,9 @@ pub struct JetStreamOptions {
     pub retention: Duration,
     /// Cancel requests remembered for tasks not pulled yet (100 000).
     pub max_pending_cancels: usize,
+    /// Failed attempts the error stream keeps, cluster-wide (1 000; the
+    /// oldest go first). Set when the stream is created.
+    pub max_errors: i64,
 }
 
 impl Default for JetStreamOptions {
@@ -88,6 +97,7 @@ impl Default for JetStreamOptions {
             record_linger: Duration::from_millis(50),
             retention: Duration::from_secs(24 * 3600),
             max_pending_cancels: 100_000,
+            max_errors: 1_000,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Start-up: the task stream (work-queue), the dead-letter stream and the
-//! KV buckets, created when missing and checked when present, with errors
+//! Start-up: the task stream (work-queue), the dead-letter stream, the
+//! error stream and the KV buckets, created when missing and checked when present, with errors
 //! that say what to do.
 
 use async_nats::jetstream::{self, kv, stream};
@@ -18,6 +18,8 @@ pub struct Durable {
     pub records: kv::Store,
     /// Cancel requests (`dispatch_cancels`).
     pub cancels: kv::Store,
+    /// Failed attempts of the whole cluster (`DISPATCH_ERRORS`).
+    pub errors: stream::Stream,
 }
 
 /// Why JetStream could not be set up.
@@ -104,6 +106,26 @@ pub async fn setup(
     .await
     .map_err(|e| other(format!("stream {dead_name}"))(e.into()))?;
 
+    let errors_name = subjects.stream_errors();
+    let errors = js
+        .get_or_create_stream(stream::Config {
+            name: errors_name.clone(),
+            description: Some(
+                "dispatcher errors: the latest failed attempts, cluster-wide".to_owned(),
+            ),
+            subjects: vec![subjects.errors_all()],
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            max_messages: options.max_errors.max(1),
+            allow_direct: true,
+            storage: options.storage,
+            num_replicas: options.replicas,
+            max_age: options.retention,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| other(format!("stream {errors_name}"))(e.into()))?;
+
     let records = bucket(&js, subjects.bucket_tasks(), options).await?;
     let cancels = bucket(&js, subjects.bucket_cancels(), options).await?;
     Ok(Durable {
@@ -111,6 +133,7 @@ pub async fn setup(
         tasks,
         records,
         cancels,
+        errors,
     })
 }
 

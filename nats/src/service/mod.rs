@@ -9,6 +9,14 @@
 //! `jetstream`, `status` and `list` read the shared KV records (any node
 //! answers for the whole cluster) and `cancel` of a task another node holds,
 //! or that waits in the stream, goes through the cancel bucket.
+//!
+//! Requests are answered concurrently: each is answered on a task of its
+//! own, at most [`MAX_CONCURRENT_REQUESTS`] per endpoint at once (past it,
+//! requests wait in the subscription). In mode `jetstream`, `list` pages
+//! backwards through the record bucket's stream with a cursor (see
+//! [`crate::jetstream::scan`]), `errors` reads the cluster's error stream,
+//! and `stats` answers for the cluster: the live nodes' latest figures
+//! summed, their durations merged.
 
 use async_nats::jetstream::kv;
 use async_nats::service::{Service, ServiceExt};
@@ -17,20 +25,36 @@ use dispatcher_actors::{
     TaskRecord, TaskStatus,
 };
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::jetstream::cluster::Cluster;
+use crate::jetstream::errors::{self, ErrorFilter};
+use crate::jetstream::scan::{self, ScanError};
 use crate::jetstream::{cancels, replay};
 use crate::subjects::{ApiEndpoint, Subjects, QUEUE_GROUP, SERVICE_NAME};
 use crate::wire;
 
-/// Keys a cluster-wide `list` reads at most.
-pub const MAX_LIST_SCAN: usize = 100_000;
+mod stats;
+
+/// Requests one endpoint answers at once, at most.
+pub const MAX_CONCURRENT_REQUESTS: usize = 32;
+
+/// Sequences of the record bucket's stream one `list` page reads at most:
+/// eight per record asked for, at least 10 000, at most 100 000. A page
+/// that runs out of them returns what it found and a `next` cursor.
+pub fn list_scan_budget(limit: usize) -> u64 {
+    (limit as u64).saturating_mul(8).clamp(10_000, 100_000)
+}
+
+/// KV header naming a delete or purge marker.
+const KV_OPERATION: &str = "KV-Operation";
 
 /// The shared state of mode `jetstream`.
 #[derive(Clone)]
@@ -41,6 +65,8 @@ pub struct Shared {
     pub cancels: kv::Store,
     /// The task stream, for the backlog of its consumers.
     pub tasks: async_nats::jetstream::stream::Stream,
+    /// The cluster's error stream.
+    pub errors: async_nats::jetstream::stream::Stream,
     /// JetStream, for replays.
     pub js: async_nats::jetstream::Context,
     /// The subjects of the deployment.
@@ -73,10 +99,13 @@ pub async fn start(
             .name(endpoint.as_str())
             .add(subjects.api(endpoint))
             .await?;
-        let dispatcher = dispatcher.clone();
-        let shared = shared.clone();
-        let cluster = cluster.clone();
+        let context = Arc::new(Context {
+            dispatcher: dispatcher.clone(),
+            shared: shared.clone(),
+            cluster: cluster.clone(),
+        });
         let reply_subjects = subjects.clone();
+        let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
         tasks.push(tokio::spawn(async move {
             while let Some(request) = requests.next().await {
                 // Answered only on a reply subject where a node's publish
@@ -93,24 +122,27 @@ pub async fn start(
                     );
                     continue;
                 }
-                let context = Context {
-                    dispatcher: &dispatcher,
-                    shared: shared.as_ref(),
-                    cluster: &cluster,
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
                 };
-                // No request can take the node down: a panic answers `internal`.
-                let reply = AssertUnwindSafe(answer(endpoint, &context, &request.message.payload))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|_| {
-                        wire::error(&ErrorInfo::new(
-                            ErrorCode::Internal,
-                            "the request could not be answered",
-                        ))
-                    });
-                if let Err(e) = request.respond(Ok(wire::body(&reply))).await {
-                    warn!(error = %e, "Control reply not sent.");
-                }
+                let context = context.clone();
+                tokio::spawn(async move {
+                    // No request can take the node down: a panic answers `internal`.
+                    let reply =
+                        AssertUnwindSafe(answer(endpoint, &context, &request.message.payload))
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|_| {
+                                wire::error(&ErrorInfo::new(
+                                    ErrorCode::Internal,
+                                    "the request could not be answered",
+                                ))
+                            });
+                    if let Err(e) = request.respond(Ok(wire::body(&reply))).await {
+                        warn!(error = %e, "Control reply not sent.");
+                    }
+                    drop(permit);
+                });
             }
         }));
     }
@@ -127,11 +159,14 @@ struct ListRequest {
     status: Option<String>,
     kind: Option<String>,
     limit: Option<usize>,
+    cursor: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
-struct LimitRequest {
+struct ErrorsRequest {
     limit: Option<usize>,
+    kind: Option<String>,
+    status: Option<String>,
 }
 
 fn parse<T: for<'de> Deserialize<'de> + Default>(
@@ -169,14 +204,30 @@ fn limit(requested: Option<usize>) -> Result<usize, ErrorInfo> {
     }
 }
 
-/// What an answer may read.
-struct Context<'a> {
-    dispatcher: &'a Dispatcher,
-    shared: Option<&'a Shared>,
-    cluster: &'a Cluster,
+/// The cursor of a `list` request: a decimal number (a stream sequence in
+/// mode `jetstream`, an offset in mode `core`).
+fn cursor(given: Option<&str>) -> Result<Option<u64>, ErrorInfo> {
+    given
+        .map(|c| {
+            c.parse::<u64>().map_err(|_| {
+                ErrorInfo::field(
+                    ErrorCode::InvalidField,
+                    "cursor",
+                    "cursor must be the `next` of a previous reply",
+                )
+            })
+        })
+        .transpose()
 }
 
-async fn answer(endpoint: ApiEndpoint, context: &Context<'_>, body: &[u8]) -> Value {
+/// What an answer may read.
+struct Context {
+    dispatcher: Dispatcher,
+    shared: Option<Shared>,
+    cluster: Cluster,
+}
+
+async fn answer(endpoint: ApiEndpoint, context: &Context, body: &[u8]) -> Value {
     match try_answer(endpoint, context, body).await {
         Ok(v) => v,
         Err(info) => wire::error(&info),
@@ -185,10 +236,10 @@ async fn answer(endpoint: ApiEndpoint, context: &Context<'_>, body: &[u8]) -> Va
 
 async fn try_answer(
     endpoint: ApiEndpoint,
-    context: &Context<'_>,
+    context: &Context,
     body: &[u8],
 ) -> Result<Value, ErrorInfo> {
-    let (d, shared) = (context.dispatcher, context.shared);
+    let (d, shared) = (&context.dispatcher, context.shared.as_ref());
     let info = |e: DispatchError| e.to_info();
     match endpoint {
         ApiEndpoint::Status => {
@@ -242,32 +293,53 @@ async fn try_answer(
                 kind,
                 limit: limit(req.limit)?,
             };
-            let tasks = match shared {
-                Some(shared) => list_stored(shared, &filter).await?,
-                None => d.list(filter).await.map_err(info)?,
+            let from = cursor(req.cursor.as_deref())?;
+            let (tasks, next) = match shared {
+                Some(shared) => list_stored(shared, &filter, from).await?,
+                None => list_local(d, filter, from).await?,
             };
-            Ok(json!({"ok": true, "tasks": tasks}))
+            Ok(json!({"ok": true, "tasks": tasks, "next": next.map(|n| n.to_string())}))
         }
         ApiEndpoint::Errors => {
-            let req: LimitRequest = parse(body, true)?;
-            let errors = d.errors(limit(req.limit)?).await.map_err(info)?;
+            let req: ErrorsRequest = parse(body, true)?;
+            let status = match req.status.as_deref() {
+                None => None,
+                Some(s) => Some(
+                    TaskStatus::parse(s)
+                        .filter(|s| {
+                            matches!(
+                                s,
+                                TaskStatus::Retrying | TaskStatus::Failed | TaskStatus::TimedOut
+                            )
+                        })
+                        .ok_or_else(|| {
+                            ErrorInfo::field(
+                                ErrorCode::InvalidField,
+                                "status",
+                                "status must be one of retrying, failed, timed_out",
+                            )
+                        })?,
+                ),
+            };
+            let filter = ErrorFilter {
+                kind: req.kind.map(TaskKind::new).transpose()?,
+                status,
+            };
+            let limit = limit(req.limit)?;
+            let errors = match shared {
+                Some(shared) => errors::newest(&shared.errors, &filter, limit)
+                    .await
+                    .map_err(|e| unavailable("reading the error stream", e))?,
+                None => {
+                    let mut all = d.errors(usize::MAX).await.map_err(info)?;
+                    all.retain(|e| filter.matches(e));
+                    all.truncate(limit);
+                    all
+                }
+            };
             Ok(json!({"ok": true, "errors": errors}))
         }
-        ApiEndpoint::Stats => {
-            let stats = d.stats().await.map_err(info)?;
-            let nodes = context.cluster.nodes();
-            let mut reply = json!({
-                "ok": true,
-                "node": d.node(),
-                "stats": stats,
-                "cluster": {"nodes": nodes.len(), "totals": totals(&nodes)},
-                "nodes": nodes,
-            });
-            if let Some(shared) = shared {
-                reply["backlog"] = json!(backlog(shared).await?);
-            }
-            Ok(reply)
-        }
+        ApiEndpoint::Stats => stats::answer(d, shared, &context.cluster).await,
         ApiEndpoint::Nodes => Ok(json!({"ok": true, "nodes": context.cluster.nodes()})),
         ApiEndpoint::Replay => {
             let req: IdRequest = parse(body, false)?;
@@ -308,72 +380,53 @@ async fn stored_record(shared: &Shared, id: &TaskId) -> Result<Option<TaskRecord
     Ok(serde_json::from_slice(&bytes).ok())
 }
 
-/// Records from KV that match `filter`, newest first; reads at most
-/// [`MAX_LIST_SCAN`] keys.
-async fn list_stored(shared: &Shared, filter: &ListFilter) -> Result<Vec<TaskRecord>, ErrorInfo> {
-    let keys = shared
-        .records
-        .keys()
-        .await
-        .map_err(|e| unavailable("listing task records", e))?;
-    let records = shared.records.clone();
-    let mut found: Vec<TaskRecord> = keys
-        .take(MAX_LIST_SCAN)
-        .filter_map(|k| async move { k.ok() })
-        .map(|key| {
-            let records = records.clone();
-            async move { records.get(key).await.ok().flatten() }
-        })
-        .buffer_unordered(64)
-        .filter_map(|bytes| async move { serde_json::from_slice::<TaskRecord>(&bytes?).ok() })
-        .filter(|r| {
-            let keep = filter.status.is_none_or(|s| r.status == s)
-                && filter.kind.as_ref().is_none_or(|k| &r.kind == k);
-            async move { keep }
-        })
-        .collect()
-        .await;
-    found.sort_by_key(|r| std::cmp::Reverse(r.created_at));
-    found.truncate(filter.limit);
-    Ok(found)
+/// A page of records from KV that match `filter`, newest write first,
+/// from the sequence `from` of the bucket's stream down (the newest if
+/// `None`); with the cursor to go on from.
+async fn list_stored(
+    shared: &Shared,
+    filter: &ListFilter,
+    from: Option<u64>,
+) -> Result<(Vec<TaskRecord>, Option<u64>), ErrorInfo> {
+    let page = scan::backwards(
+        &shared.records.stream,
+        from,
+        filter.limit,
+        list_scan_budget(filter.limit),
+        |msg| {
+            let marker = msg
+                .headers
+                .get(KV_OPERATION)
+                .is_some_and(|op| op.as_str() != "PUT");
+            if marker {
+                return None;
+            }
+            serde_json::from_slice::<TaskRecord>(&msg.payload)
+                .ok()
+                .filter(|r| {
+                    filter.status.is_none_or(|s| r.status == s)
+                        && filter.kind.as_ref().is_none_or(|k| &r.kind == k)
+                })
+        },
+    )
+    .await
+    .map_err(|e: ScanError| unavailable("listing task records", e))?;
+    Ok((page.items, page.next))
 }
 
-/// Sums the counters of the nodes' latest snapshots.
-fn totals(nodes: &[Value]) -> Value {
-    const SUMMED: [&str; 11] = [
-        "submitted",
-        "completed",
-        "failed",
-        "cancelled",
-        "timed_out",
-        "rejected",
-        "retried",
-        "running",
-        "queued",
-        "workers",
-        "worker_restarts",
-    ];
-    let mut totals = serde_json::Map::new();
-    for key in SUMMED {
-        let sum: u64 = nodes.iter().filter_map(|n| n["stats"][key].as_u64()).sum();
-        totals.insert(key.to_owned(), json!(sum));
-    }
-    Value::Object(totals)
-}
-
-/// Tasks waiting in the stream and delivered but unacknowledged, per
-/// consumer (kind and priority).
-async fn backlog(shared: &Shared) -> Result<Vec<Value>, ErrorInfo> {
-    let mut consumers = shared.tasks.consumers();
-    let mut out = Vec::new();
-    while let Some(info) = consumers.next().await {
-        let info = info.map_err(|e| unavailable("reading the consumers", e))?;
-        out.push(json!({
-            "consumer": info.name,
-            "subject": info.config.filter_subject,
-            "pending": info.num_pending,
-            "unacknowledged": info.num_ack_pending,
-        }));
-    }
-    Ok(out)
+/// A page of this node's own records (mode `core`), newest first; the
+/// cursor is the number of records skipped.
+async fn list_local(
+    d: &Dispatcher,
+    mut filter: ListFilter,
+    from: Option<u64>,
+) -> Result<(Vec<TaskRecord>, Option<u64>), ErrorInfo> {
+    let skip = usize::try_from(from.unwrap_or(0)).unwrap_or(usize::MAX);
+    let limit = filter.limit;
+    filter.limit = skip.saturating_add(limit).saturating_add(1);
+    let mut found = d.list(filter).await.map_err(|e| e.to_info())?;
+    let more = found.len() > skip.saturating_add(limit);
+    let page: Vec<TaskRecord> = found.drain(..).skip(skip).take(limit).collect();
+    let next = more.then(|| (skip + limit) as u64);
+    Ok((page, next))
 }
