@@ -41,6 +41,10 @@ fn handlers(failing: &[&str]) -> Handlers {
 }
 
 async fn start_node(url: &str, prefix: &str, id: &str, failing: &[&str]) -> Node {
+    start_node_in(Mode::JetStream, url, prefix, id, failing).await
+}
+
+async fn start_node_in(mode: Mode, url: &str, prefix: &str, id: &str, failing: &[&str]) -> Node {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let mut config = DispatcherConfig::new(NodeId::new(id).unwrap());
     config.workers = 4;
@@ -50,7 +54,7 @@ async fn start_node(url: &str, prefix: &str, id: &str, failing: &[&str]) -> Node
     config.defaults.backoff.max_ms = 1;
     let mut options = NodeOptions {
         prefix: prefix.to_owned(),
-        mode: Mode::JetStream,
+        mode,
         // Snapshots often, so the cluster's figures catch up fast.
         heartbeat_interval: Duration::from_millis(100),
         shutdown_timeout: Duration::from_millis(300),
@@ -437,5 +441,57 @@ async fn the_backlog_counts_kinds_no_node_serves() {
             .any(|b| b["kind"] == "echo" && b["consumer"] == "echo_normal"),
         "{reply}"
     );
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn core_mode_pages_and_filters_the_nodes_own_lists() {
+    let server = LocalServer::start().expect("nats-server");
+    let prefix = "corelist";
+    let node = start_node_in(Mode::Core, &server.url(), prefix, "solo", &["fail"]).await;
+    let client = client(&server.url(), prefix).await;
+    for i in 0..5 {
+        let last = client
+            .submit_and_wait(TaskSpec::new("echo", json!(i)), DEADLINE)
+            .await
+            .unwrap();
+        assert!(matches!(last.body, EventBody::Completed { .. }));
+    }
+    let mut spec = TaskSpec::new("fail", json!(null));
+    spec.max_attempts = Some(2);
+    client.submit_and_wait(spec, DEADLINE).await.unwrap();
+    let filter = ListFilter {
+        kind: Some(kind("echo")),
+        limit: 2,
+        ..ListFilter::default()
+    };
+    let mut cursor = None;
+    let mut pages = Vec::new();
+    loop {
+        let (tasks, next) = client.list_page(&filter, cursor.as_deref()).await.unwrap();
+        pages.push(tasks.len());
+        cursor = next;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(pages, vec![2, 2, 1]);
+    // Stats stay the node's own in core mode.
+    let reply = request(
+        client.nats(),
+        client.subjects().api(dispatcher_nats::ApiEndpoint::Stats),
+        json!({}),
+    )
+    .await;
+    assert_eq!(reply["scope"], "node", "{reply}");
+    assert_eq!(reply["stats"]["completed"], 5);
+    // Error filters hold in core mode too.
+    let failed = ErrorFilter {
+        kind: Some(kind("fail")),
+        status: Some(TaskStatus::Failed),
+    };
+    let found = client.errors_matching(&failed, 10).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(client.errors(10).await.unwrap().len(), 2);
     node.shutdown().await;
 }
