@@ -143,6 +143,14 @@ async fn stats_of_three_nodes_is_the_sum_of_what_was_seen() {
     assert_eq!(reply["stats"]["workers"], 12, "gauges summed: {reply}");
     assert_eq!(reply["stats"]["running"], 0);
     assert_eq!(reply["cluster"]["nodes"], 3);
+    assert!(
+        reply["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["taking_work"] == true),
+        "{reply}"
+    );
     assert_eq!(reply["cluster"]["totals"]["completed"], completed);
     // The top level is the sum of the per-node figures beside it.
     for key in ["submitted", "completed", "failed", "retried", "workers"] {

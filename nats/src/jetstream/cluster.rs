@@ -146,6 +146,8 @@ pub struct NodeFigures {
     pub stats: Value,
     /// Its attempt durations, `[[µs, count], …]` (two significant digits).
     pub durations: Value,
+    /// Whether it takes work (a slot in service).
+    pub taking_work: Value,
 }
 
 /// The cluster view: live nodes, their latest figures, reclaims done.
@@ -189,6 +191,7 @@ impl Cluster {
                     seen_ms_ago: p.last_seen.elapsed().as_millis() as u64,
                     stats: field("stats"),
                     durations: field("durations"),
+                    taking_work: field("taking_work"),
                 }
             })
             .collect()

@@ -30,13 +30,21 @@ pub(super) async fn answer(
     figures.push(NodeFigures {
         node: me.to_owned(),
         seen_ms_ago: 0,
+        taking_work: json!(stats.workers > 0),
         stats: json!(stats),
         durations: json!(durations),
     });
     figures.sort_by(|a, b| a.node.cmp(&b.node));
     let nodes: Vec<Value> = figures
         .iter()
-        .map(|f| json!({"node": f.node, "seen_ms_ago": f.seen_ms_ago, "stats": f.stats}))
+        .map(|f| {
+            json!({
+                "node": f.node,
+                "seen_ms_ago": f.seen_ms_ago,
+                "stats": f.stats,
+                "taking_work": f.taking_work,
+            })
+        })
         .collect();
     let merged = merge(&figures);
     let mut reply = json!({
@@ -180,6 +188,7 @@ mod tests {
             seen_ms_ago: 0,
             stats,
             durations,
+            taking_work: json!(true),
         }
     }
 
