@@ -434,6 +434,12 @@ async fn a_client_is_refused_every_privileged_subject_and_changes_nothing() {
             "dispatch.dead.echo",
             json!({"id": "done-1", "kind": "echo"}),
         ),
+        (
+            "dispatch.errors.echo",
+            json!({"task_id": "done-1", "kind": "echo", "attempt": 1,
+                   "error": {"code": "handler_error", "message": "forged"},
+                   "ts": "2026-01-01T00:00:00.000Z"}),
+        ),
         ("dispatch.tasks.echo.normal", json!({"id": "sneak-1"})),
         ("dispatch.tasks.echo.critical", json!({"id": "sneak-2"})),
         ("otherprefix.submit.echo", json!({"id": "other-1"})),
@@ -458,6 +464,10 @@ async fn a_client_is_refused_every_privileged_subject_and_changes_nothing() {
             json!({"seq": 1}),
         ),
         ("JS.dispatch.API.STREAM.INFO.KV_dispatch_cancels", json!({})),
+        (
+            "JS.dispatch.API.DIRECT.GET.DISPATCH_ERRORS",
+            json!({"seq": 1}),
+        ),
         ("JS.dispatch.API.STREAM.PURGE.KV_dispatch_tasks", json!({})),
         ("JS.dispatch.API.$KV.dispatch_tasks.done-1", json!("-NAK")),
         ("_INBOX.node.1", json!({"forged": "reply"})),
