@@ -1,15 +1,19 @@
 //! Task records follow the task in mode `jetstream`, against a real
 //! nats-server: a running task's progress reaches its KV record
-//! (throttled, the last value kept by the final write). Every wait has a
-//! deadline; nothing sleeps to wait.
+//! (throttled, the last value kept by the final write), and a cancel of a
+//! task no node has taken ends its record `cancelled` at once, with the
+//! event, even when no node serves its kind; a node that pulls it later
+//! terminates it unrun. A cancel racing a node that takes the task has
+//! one winner. Every wait has a deadline; nothing sleeps to wait.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use dispatcher_actors::{
     handler_fn, DispatcherConfig, Handlers, NodeId, TaskError, TaskHandler, TaskKind,
 };
-use dispatcher_nats::{LocalServer, Mode, Node, NodeOptions, Subjects};
+use dispatcher_nats::{ApiEndpoint, LocalServer, Mode, Node, NodeOptions, Subjects};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -151,15 +155,15 @@ async fn progress_reaches_the_record_while_the_task_runs() {
     let running = record_until(&client, &subjects, "p1", |r| r["progress"] == 42).await;
     assert_eq!(running["status"], "running", "{running}");
     assert_eq!(running["message"], "step 100", "{running}");
-    // Throttled: the record's create, then at most one write per 500 ms
-    // of the run so far (and one at its start), not one per report (101
-    // of them).
+    // Throttled: the record's create, its claim, then at most one write
+    // per 500 ms of the run so far (and one at its start), not one per
+    // report (101 of them).
     let writes = record_writes(&client, &subjects).await - before;
     eprintln!(
         "{writes} record writes for 101 reports in {:?}",
         begun.elapsed()
     );
-    let allowed = 1 + 2 + begun.elapsed().as_millis() as u64 / 500;
+    let allowed = 2 + 2 + begun.elapsed().as_millis() as u64 / 500;
     assert!(
         writes <= allowed,
         "{writes} record writes for 101 reports in {:?}",
@@ -215,5 +219,208 @@ async fn the_last_progress_is_folded_into_the_final_write() {
     assert_eq!(done["message"], "almost", "{done}");
     // One write for the end, with the progress in it.
     assert_eq!(record_writes(&client, &subjects).await - before, 1);
+    node.shutdown().await;
+}
+
+#[actix::test]
+async fn a_cancel_of_a_task_no_node_serves_ends_it_at_once_and_it_never_runs() {
+    let server = LocalServer::start().unwrap();
+    let subjects = Subjects::new("rc").unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = subscribe(&client, format!("{}.events.>", subjects.prefix())).await;
+    // The only node serves `echo`, not `lonely`.
+    let mut handlers = Handlers::new();
+    handlers.insert(kind("echo"), handler_fn(|_ctx, p| async move { Ok(p) }));
+    let first = start_node(
+        &server.url(),
+        "rc",
+        "first",
+        handlers,
+        NodeOptions::default().jetstream.record_linger,
+    )
+    .await;
+
+    // In mode jetstream the gateway stores any valid kind, for whichever
+    // node serves it.
+    let r = request(&client, subjects.submit("lonely"), json!({"id": "c1"})).await;
+    assert_eq!(
+        r,
+        json!({"ok": true, "id": "c1", "kind": "lonely", "priority": "normal"})
+    );
+    let queued = record_until(&client, &subjects, "c1", |r| r["status"] == "queued").await;
+    assert_eq!(queued["node"], Value::Null, "{queued}");
+
+    let asked = tokio::time::Instant::now();
+    let r = request(
+        &client,
+        subjects.api(ApiEndpoint::Cancel),
+        json!({"id": "c1"}),
+    )
+    .await;
+    assert_eq!(r, json!({"ok": true, "status": "cancelled"}));
+    let seen = until(&mut events, "c1", "cancelled").await;
+    let event = seen.last().unwrap().clone();
+    let record = record_until(&client, &subjects, "c1", |r| r["status"] == "cancelled").await;
+    eprintln!(
+        "cancel of a task no node serves: reply, event and record within {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(event["attempt"], 1, "{event}");
+    assert_eq!(event["node"], "first", "{event}");
+    assert_eq!(record["attempt"], 1, "{record}");
+    assert_eq!(record["finished_at"], event["ts"], "{record} {event}");
+    assert_eq!(record["message"], event["reason"], "{record} {event}");
+    let r = request(
+        &client,
+        subjects.api(ApiEndpoint::Cancel),
+        json!({"id": "c1"}),
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "already_finished", "{r}");
+
+    // A node that serves the kind comes: it pulls the cancelled task first
+    // and terminates it; a later task of the kind runs, as a barrier.
+    let mut handlers = Handlers::new();
+    handlers.insert(kind("lonely"), handler_fn(|_ctx, p| async move { Ok(p) }));
+    let second = start_node(
+        &server.url(),
+        "rc",
+        "second",
+        handlers,
+        NodeOptions::default().jetstream.record_linger,
+    )
+    .await;
+    let r = request(&client, subjects.submit("lonely"), json!({"id": "c2"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let seen = until(&mut events, "c2", "completed").await;
+    let about_c1: Vec<&Value> = seen.iter().filter(|e| e["task_id"] == "c1").collect();
+    assert!(
+        about_c1.is_empty(),
+        "c1 never runs nor is cancelled again: {about_c1:?}"
+    );
+    // Its message is gone from the stream, its record unchanged.
+    let js = jetstream::new(client.clone());
+    eventually(DEADLINE, || async {
+        let mut stream = js.get_stream(subjects.stream_tasks()).await.unwrap();
+        (stream.info().await.unwrap().state.messages == 0).then_some(())
+    })
+    .await;
+    // Whatever the pull of it did is said by now: a second barrier.
+    let r = request(&client, subjects.submit("lonely"), json!({"id": "c3"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let seen = until(&mut events, "c3", "completed").await;
+    let about_c1: Vec<&Value> = seen.iter().filter(|e| e["task_id"] == "c1").collect();
+    assert!(
+        about_c1.is_empty(),
+        "c1 never runs nor is cancelled again: {about_c1:?}"
+    );
+    assert_eq!(kv_record(&client, &subjects, "c1").await.unwrap(), record);
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
+#[actix::test]
+async fn a_cancel_racing_a_node_that_takes_the_task_has_one_winner() {
+    let server = LocalServer::start().unwrap();
+    let subjects = Subjects::new("rr").unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = subscribe(&client, format!("{}.events.>", subjects.prefix())).await;
+    // One worker, a short queue, tasks of a few ms: most tasks wait in
+    // the stream when their cancel comes, some are being pulled.
+    let mut handlers = Handlers::new();
+    handlers.insert(
+        kind("work"),
+        handler_fn(|_ctx, p| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(p)
+        }),
+    );
+    let node = start_sized(
+        &server.url(),
+        "rr",
+        "n1",
+        handlers,
+        NodeOptions::default().jetstream.record_linger,
+        (1, 1),
+    )
+    .await;
+
+    // All stored, then each cancelled in turn: the cancel of one the node
+    // holds frees room, and the node pulls the next one as its cancel
+    // comes.
+    const N: usize = 60;
+    for i in 0..N {
+        let r = request(
+            &client,
+            subjects.submit("work"),
+            json!({"id": format!("t{i}")}),
+        )
+        .await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let mut replies = BTreeMap::new();
+    for i in 0..N {
+        let id = format!("t{i}");
+        let r = request(
+            &client,
+            subjects.api(ApiEndpoint::Cancel),
+            json!({"id": id}),
+        )
+        .await;
+        let outcome = match (&r["ok"], &r["status"]) {
+            (Value::Bool(true), Value::String(s)) => s.clone(),
+            _ => r["error"]["code"].as_str().unwrap().to_owned(),
+        };
+        replies.insert(id, outcome);
+    }
+    // Every task ends; the events of each, in order.
+    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut ended = BTreeSet::new();
+    let mut before_start = 0;
+    while ended.len() < N {
+        let e = next_json(&mut events).await.1;
+        let (id, name) = (e["task_id"].as_str().unwrap(), e["event"].as_str().unwrap());
+        if matches!(name, "completed" | "cancelled") {
+            ended.insert(id.to_owned());
+        }
+        if name == "cancelled" && e["reason"] == "cancelled on request before it started" {
+            before_start += 1;
+        }
+        seen.entry(id.to_owned()).or_default().push(name.to_owned());
+    }
+    for (id, outcome) in &replies {
+        let names = &seen[id];
+        let end = names.last().unwrap().as_str();
+        let record = record_until(&client, &subjects, id, |r| {
+            r["status"] == "completed" || r["status"] == "cancelled"
+        })
+        .await;
+        // The record tells the same end as the events.
+        assert_eq!(record["status"], end, "{id}: {names:?} {record}");
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| *n == "completed" || *n == "cancelled")
+                .count(),
+            1,
+            "{id}: one end: {names:?}"
+        );
+        match outcome.as_str() {
+            // Cancelled before any node took it: it never started.
+            "cancelled" => assert!(
+                !names.iter().any(|n| n == "started"),
+                "{id} cancelled at once but started: {names:?}"
+            ),
+            "cancelling" | "already_finished" => {}
+            other => panic!("{id}: unexpected cancel reply {other}"),
+        }
+    }
+    eprintln!(
+        "{before_start} cancelled before any node took them; cancel replies: {:?}",
+        replies.values().fold(BTreeMap::new(), |mut m, o| {
+            *m.entry(o.as_str()).or_insert(0) += 1;
+            m
+        })
+    );
     node.shutdown().await;
 }

@@ -510,8 +510,13 @@ async fn apply(
         };
         if record.attempt > attempt || (record.attempt == attempt && record.status.is_final()) {
             // A later attempt (another node) or this attempt's end is
-            // already there: this write is stale.
-            stats.stale.fetch_add(1, Ordering::Relaxed);
+            // already there: this write is stale, unless that end is the
+            // very one these events bring (the control API wrote the
+            // cancel of a task no node held before it said so).
+            let ends_so = events.last().and_then(TaskEvent::status) == Some(record.status);
+            if !(ends_so && record.attempt == attempt) {
+                stats.stale.fetch_add(1, Ordering::Relaxed);
+            }
             return None;
         }
         let value = fold_in(&mut record, &events, ack.as_deref())?;
