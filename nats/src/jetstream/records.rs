@@ -26,7 +26,7 @@ use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, UpdateErrorKind};
@@ -37,6 +37,9 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::cluster::HeldDeliveries;
+use progress::LatestProgress;
+
+mod progress;
 
 /// Operations the writer takes from its buffer at a time.
 const BATCH: usize = 512;
@@ -91,45 +94,6 @@ pub struct RecordMirror {
     tx: mpsc::Sender<Op>,
     stats: Arc<MirrorStats>,
     progress: LatestProgress,
-}
-
-/// The latest progress event of each task not yet handed to the writer's
-/// pending changes, and whether the writer was told of it. At most one
-/// entry per running task: a report replaces the one before it.
-#[derive(Clone, Default)]
-struct LatestProgress(Arc<Mutex<HashMap<String, (TaskEvent, bool)>>>);
-
-impl LatestProgress {
-    /// Keeps `event` as its task's latest; answers whether the writer has
-    /// yet to be told (no word of this task's progress is on its way).
-    fn put(&self, event: &TaskEvent) -> bool {
-        let mut latest = self.0.lock().expect("not poisoned");
-        let told = latest
-            .insert(event.task_id.as_str().to_owned(), (event.clone(), false))
-            .is_some_and(|(_, told)| told);
-        if told {
-            if let Some(entry) = latest.get_mut(event.task_id.as_str()) {
-                entry.1 = true;
-            }
-        }
-        !told
-    }
-
-    /// Notes that the writer was told of `id`'s progress.
-    fn told(&self, id: &str) {
-        if let Some(entry) = self.0.lock().expect("not poisoned").get_mut(id) {
-            entry.1 = true;
-        }
-    }
-
-    /// Takes `id`'s latest progress, if any waits.
-    fn take(&self, id: &str) -> Option<TaskEvent> {
-        self.0
-            .lock()
-            .expect("not poisoned")
-            .remove(id)
-            .map(|(event, _)| event)
-    }
 }
 
 impl RecordMirror {
