@@ -485,7 +485,8 @@ pub struct ServeConfig {
     /// How long a KV record change that does not end its task (queued,
     /// running, retrying) waits for the next one before it is written: a
     /// task that ends within it costs one record write, not one per step.
-    /// A change that ends a task is written at once.
+    /// A change that ends a task is written at once. Progress waits at
+    /// least as long, and is written at most once per 500 ms per task.
     #[arg(long, env = "DISPATCH_RECORD_LINGER", default_value = "50ms", value_parser = parse_duration)]
     pub record_linger: Duration,
     /// A program the `exec` handler may run: the absolute path of an

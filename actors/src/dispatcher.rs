@@ -536,6 +536,15 @@ impl Dispatcher {
             .task(&task.id, &task.kind, task.attempt, body);
     }
 
+    /// Emits `event`, which this node made (`event.node` is this node)
+    /// about a task it does not hold, exactly as it is: a transport that
+    /// stored the change the event describes first (e.g. the cancel of a
+    /// task still in a durable queue) tells of it with the same time stamp.
+    pub fn announce_event(&self, event: TaskEvent) {
+        debug_assert_eq!(&event.node, self.node(), "an event of this node");
+        self.inner.emitter.emit(event, None);
+    }
+
     /// Forgets a finished task, so that a replay of it runs here again.
     pub async fn forget_finished(&self, id: &TaskId) {
         let _ = self

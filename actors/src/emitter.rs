@@ -59,6 +59,11 @@ impl Emitter {
         duration: Option<Duration>,
     ) {
         let event = TaskEvent::now(id.clone(), kind.clone(), attempt, self.node.clone(), body);
+        self.emit(event, duration);
+    }
+
+    /// Emits `event` as it is (made by this node).
+    pub(crate) fn emit(&self, event: TaskEvent, duration: Option<Duration>) {
         self.sink.task_event(&event);
         self.metrics.do_send(Observe {
             event: event.name(),

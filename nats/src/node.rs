@@ -314,6 +314,7 @@ impl Node {
                 limits,
                 dispatcher.config().defaults,
             ),
+            mirror: mirror.clone().expect("set in jetstream mode"),
         });
         let (service, mut service_tasks) = service::start(
             client.clone(),

@@ -14,8 +14,14 @@
 //! message whose id has a record for another body, or whose task has
 //! finished, is refused with `duplicate_id` and never runs: re-running a
 //! finished task is the `replay` API's job.
+//!
+//! A record that no node has taken yet (`queued`, without a `node`) is
+//! taken with a write fenced by its revision before the task runs, so
+//! that it and a cancel by the control API cannot both win: a message
+//! whose record was cancelled that way is terminated when pulled, without
+//! an event (the API published it), and never runs.
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation};
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use async_nats::jetstream::Message;
 use dispatcher_actors::{
     DeliveryHandle, Dispatcher, ErrorCode, ErrorInfo, EventBody, Settlement, Task, TaskRecord,
@@ -109,7 +115,7 @@ impl Intake {
             self.dispatcher.announce(
                 &task,
                 EventBody::Cancelled {
-                    reason: "cancelled on request before it started".to_owned(),
+                    reason: super::cancels::BEFORE_START.to_owned(),
                 },
             );
             delivery(&id, &kind).settle_now(Settlement::Done(TaskStatus::Cancelled, None));
@@ -120,7 +126,8 @@ impl Intake {
             Claim::Run { created, attempts } => (created, attempts),
             Claim::Over => {
                 // Done already (its ack was lost, or it was settled while
-                // this copy was on its way): removed, nothing to say.
+                // this copy was on its way, or the control API cancelled
+                // it before any node took it): removed, nothing to say.
                 delivery(&id, &kind).terminate();
                 return None;
             }
@@ -267,6 +274,31 @@ impl Intake {
                         return Claim::Over;
                     }
                     let attempts = record.attempt;
+                    if record.status == TaskStatus::Queued && record.node.is_none() {
+                        // No node has taken it yet, so the control API may
+                        // cancel it at once, with a write fenced by the
+                        // same revision: this node takes it only if that
+                        // cancel did not come first, and the other way
+                        // round. A write lost to a cancel reads the record
+                        // again and finds it over.
+                        let mut record = record;
+                        record.node = Some(self.dispatcher.node().clone());
+                        let value = match serde_json::to_vec(&record) {
+                            Ok(value) => value,
+                            Err(e) => return Claim::Unverified(e.to_string()),
+                        };
+                        match self.records.update(id, value.into(), entry.revision).await {
+                            Ok(revision) => {
+                                self.mirror.seed(record, Some(revision));
+                                return Claim::Run {
+                                    created: false,
+                                    attempts,
+                                };
+                            }
+                            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                            Err(e) => return Claim::Unverified(e.to_string()),
+                        }
+                    }
                     self.mirror.seed(record, Some(entry.revision));
                     return Claim::Run {
                         created: false,
@@ -274,8 +306,9 @@ impl Intake {
                     };
                 }
                 _ => {
+                    // Created by the node that takes it: held from the
+                    // start (a cancel goes through the cancel bucket).
                     let mut record = TaskRecord::queued(task, self.dispatcher.node());
-                    record.node = None;
                     record.digest = Some(body_digest.clone());
                     let value = match serde_json::to_vec(&record) {
                         Ok(value) => value,

@@ -72,6 +72,8 @@ pub struct JetStreamOptions {
     pub fetch_batch: usize,
     /// How long a KV record change that does not end its task waits for
     /// the next one, so that a short task's record is written once (50 ms).
+    /// Progress waits at least this long, and at most one write per
+    /// [`records::PROGRESS_EVERY`] (500 ms) per task.
     pub record_linger: Duration,
     /// Task records' lifetime in KV (24 h).
     pub retention: Duration,

@@ -26,7 +26,7 @@ use async_nats::jetstream::consumer::pull::BatchConfig;
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::Message;
 use async_nats::StatusCode;
-use dispatcher_actors::{Dispatcher, Priority, SubmitOptions};
+use dispatcher_actors::{Dispatcher, Priority, SubmitOptions, TaskId};
 use futures::future::join_all;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
@@ -439,6 +439,11 @@ impl Puller {
                 known.push((task, handle));
             }
         }
+        let ids: Vec<TaskId> = fresh
+            .iter()
+            .chain(&known)
+            .map(|(task, _)| task.id.clone())
+            .collect();
         for (batch, emit_accepted) in [(fresh, true), (known, false)] {
             if batch.is_empty() {
                 continue;
@@ -451,6 +456,13 @@ impl Puller {
                 if let Err(e) = r {
                     debug!(error = %e, "Delivered task not queued.");
                 }
+            }
+        }
+        // A cancel request that came after the intake checked for one,
+        // and before the Supervisor held the task, found it nowhere.
+        for id in ids {
+            if self.intake.cancels.contains(id.as_str()) {
+                let _ = self.dispatcher.cancel(&id).await;
             }
         }
     }

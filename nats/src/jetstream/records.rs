@@ -10,23 +10,36 @@
 //! queue) to its end, and a long one's shows `running` at most `linger`
 //! after it started.
 //!
+//! Progress is folded in the same way, throttled: a task's progress alone
+//! is written at most once per [`PROGRESS_EVERY`] (and never sooner than
+//! `linger` after it was reported), and whatever progress waits is folded
+//! into the task's next write, so its last value is in the record no later
+//! than the write that ends it. Only a task's latest progress is kept
+//! between writes ([`LatestProgress`]): a handler that reports in a tight
+//! loop costs the writer one entry per task, not one per report.
+//!
 //! Writes are fenced by revision: a node that lost a task to redelivery
 //! (its lease lapsed, another node runs a later attempt) finds a newer
 //! attempt in KV and discards its stale write, counted in `stale`.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, UpdateErrorKind};
-use dispatcher_actors::{EventBody, EventSink, NodeEvent, TaskEvent, TaskRecord};
+use dispatcher_actors::{EventBody, EventSink, NodeEvent, TaskEvent, TaskRecord, TaskStatus};
 use futures::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::cluster::HeldDeliveries;
+use progress::LatestProgress;
+
+mod progress;
 
 /// Operations the writer takes from its buffer at a time.
 const BATCH: usize = 512;
@@ -37,6 +50,11 @@ const TRIES: usize = 8;
 /// Records of unfinished tasks kept with their revision, so the next write
 /// of the same task needs no read; past this the cache starts over.
 const CACHE: usize = 100_000;
+
+/// A task's progress alone is written at most once per this interval (a
+/// constant, not derived from the linger: the linger bounds how stale a
+/// state change may be, this how often a long task's record is rewritten).
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
 /// A record as this node last wrote it, and its revision.
 type Cached = (TaskRecord, u64);
@@ -58,6 +76,8 @@ pub struct MirrorStats {
 enum Op {
     /// A task event to fold into the record.
     Event(TaskEvent),
+    /// The task's latest progress waits in [`LatestProgress`].
+    Progress(String),
     /// A record to start from: stored already at `revision` (by the
     /// gateway of this node), or, without one, to create if absent (a task
     /// published straight to the queue has no record yet).
@@ -73,6 +93,7 @@ enum Op {
 pub struct RecordMirror {
     tx: mpsc::Sender<Op>,
     stats: Arc<MirrorStats>,
+    progress: LatestProgress,
 }
 
 impl RecordMirror {
@@ -89,18 +110,24 @@ impl RecordMirror {
     ) -> Self {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let stats = Arc::new(MirrorStats::default());
+        let progress = LatestProgress::default();
         let writer = Writer {
             records,
             stats: stats.clone(),
             held,
             linger,
+            progress: progress.clone(),
             pending: HashMap::new(),
-            due: VecDeque::new(),
+            due: BinaryHeap::new(),
             ready: Vec::new(),
             cache: HashMap::new(),
         };
         tokio::spawn(writer.run(rx));
-        Self { tx, stats }
+        Self {
+            tx,
+            stats,
+            progress,
+        }
     }
 
     /// The counters.
@@ -149,27 +176,35 @@ impl RecordMirror {
 
 impl EventSink for RecordMirror {
     fn task_event(&self, event: &TaskEvent) {
-        // The gateway wrote the queued record; progress is not worth a
-        // write each; a rejected task has no record.
-        if matches!(
-            event.body,
-            EventBody::Accepted { .. } | EventBody::Progress { .. } | EventBody::Rejected { .. }
-        ) {
-            return;
+        match event.body {
+            // The gateway wrote the queued record; a rejected task has no
+            // record.
+            EventBody::Accepted { .. } | EventBody::Rejected { .. } => {}
+            // Only the latest counts: kept aside, and the writer told once.
+            // Should the buffer be full, the next report tells it, and the
+            // task's next change folds it in anyway.
+            EventBody::Progress { .. } => {
+                let id = event.task_id.as_str();
+                if self.progress.put(event) && self.tx.try_send(Op::Progress(id.to_owned())).is_ok()
+                {
+                    self.progress.told(id);
+                }
+            }
+            _ => self.send(Op::Event(event.clone())),
         }
-        self.send(Op::Event(event.clone()));
     }
 
     fn node_event(&self, _event: &NodeEvent) {}
 }
 
 /// A task's changes not written yet.
-#[derive(Default)]
 struct Pending {
     /// The record to start from, from the latest seed.
     seed: Option<(Box<TaskRecord>, Option<u64>)>,
     /// Events to apply, in order.
     events: Vec<TaskEvent>,
+    /// When they are to be written at the latest.
+    due: Instant,
 }
 
 /// Folds changes into records and writes them.
@@ -178,15 +213,18 @@ struct Writer {
     stats: Arc<MirrorStats>,
     held: HeldDeliveries,
     linger: Duration,
+    /// Progress reported and not folded in yet.
+    progress: LatestProgress,
     /// Changes not written yet, by task.
     pending: HashMap<String, Pending>,
-    /// When each pending task is due at the latest, oldest first (a task
-    /// written earlier, because it ended, leaves a stale entry here).
-    due: VecDeque<(Instant, String)>,
+    /// When pending tasks are due, soonest first. An entry whose time is
+    /// no longer its task's `due` (the task was written since, or is due
+    /// sooner now) is skipped.
+    due: BinaryHeap<Reverse<(Instant, String)>>,
     /// Tasks to write in the next round: they ended.
     ready: Vec<String>,
-    /// Records of unfinished tasks as last written.
-    cache: HashMap<String, Cached>,
+    /// Records of unfinished tasks as last written, and when they were.
+    cache: HashMap<String, (Cached, Option<Instant>)>,
 }
 
 impl Writer {
@@ -196,7 +234,7 @@ impl Writer {
         let mut open = true;
         loop {
             if open && self.ready.is_empty() {
-                let next = self.due.front().map(|(at, _)| *at);
+                let next = self.due.peek().map(|Reverse((at, _))| *at);
                 tokio::select! {
                     n = rx.recv_many(&mut ops, BATCH) => open = n > 0,
                     _ = sleep_until(next) => {}
@@ -244,45 +282,85 @@ impl Writer {
     }
 
     fn fold(&mut self, op: Op, now: Instant) {
-        let (id, ends) = match &op {
+        let (id, ends, throttled) = match &op {
             Op::Event(e) => (
-                e.task_id.as_str(),
+                e.task_id.as_str().to_owned(),
                 e.body.status().is_some_and(|s| s.is_final()),
+                false,
             ),
-            Op::Seed(r, _) => (r.id.as_str(), false),
+            Op::Progress(id) => (id.clone(), false, true),
+            Op::Seed(r, _) => (r.id.as_str().to_owned(), false, false),
             Op::Drain(_) | Op::Flush(..) => return,
         };
-        let pending = match self.pending.get_mut(id) {
-            Some(p) => p,
-            None => {
-                self.due.push_back((now + self.linger, id.to_owned()));
-                self.pending.entry(id.to_owned()).or_default()
+        // Progress reported before a change that ends an attempt goes in
+        // first. (Progress never comes before its attempt's start: if
+        // some waits, it came after, and its own word is on its way.)
+        let progress = match &op {
+            Op::Event(e) if !ends_attempt(&e.body) => None,
+            Op::Seed(..) | Op::Drain(_) | Op::Flush(..) => None,
+            Op::Event(_) | Op::Progress(_) => self.progress.take(&id),
+        };
+        if matches!(op, Op::Progress(_)) && progress.is_none() {
+            // Folded in already, with a change that came first.
+            return;
+        }
+        let mut due = now + self.linger;
+        if throttled {
+            if let Some((_, Some(written))) = self.cache.get(&id) {
+                due = due.max(*written + PROGRESS_EVERY);
+            }
+        }
+        let pending = match self.pending.entry(id.clone()) {
+            Entry::Occupied(entry) => {
+                let pending = entry.into_mut();
+                if due < pending.due {
+                    pending.due = due;
+                    self.due.push(Reverse((due, id.clone())));
+                }
+                pending
+            }
+            Entry::Vacant(entry) => {
+                self.due.push(Reverse((due, id.clone())));
+                entry.insert(Pending {
+                    seed: None,
+                    events: Vec::new(),
+                    due,
+                })
             }
         };
         if ends {
-            self.ready.push(id.to_owned());
+            self.ready.push(id);
         }
+        pending.events.extend(progress);
         match op {
             Op::Event(e) => pending.events.push(e),
             Op::Seed(record, revision) => pending.seed = Some((record, revision)),
-            Op::Drain(_) | Op::Flush(..) => {}
+            Op::Progress(_) | Op::Drain(_) | Op::Flush(..) => {}
         }
     }
 
     /// The tasks to write now: those that ended, those due, and with
     /// `all`, every one.
     fn take_round(&mut self, now: Instant, all: bool) -> Vec<(String, Pending)> {
+        if all {
+            self.due.clear();
+            self.ready.clear();
+            return self.pending.drain().collect();
+        }
         let mut round = Vec::new();
         for id in std::mem::take(&mut self.ready) {
             if let Some(p) = self.pending.remove(&id) {
                 round.push((id, p));
             }
         }
-        while let Some((at, _)) = self.due.front() {
-            if !all && *at > now {
+        while let Some(Reverse((at, _))) = self.due.peek() {
+            if *at > now {
                 break;
             }
-            if let Some((_, id)) = self.due.pop_front() {
+            let Some(Reverse((at, id))) = self.due.pop() else {
+                break;
+            };
+            if self.pending.get(&id).is_some_and(|p| p.due == at) {
                 if let Some(p) = self.pending.remove(&id) {
                     round.push((id, p));
                 }
@@ -299,18 +377,31 @@ impl Writer {
         let (records, stats) = (&self.records, &*self.stats);
         let writes = round.into_iter().map(|(id, pending)| {
             let ack = self.held.ack_of(&id);
-            let cached = self.cache.remove(&id);
+            let (cached, written) = self.cache.remove(&id).unzip();
+            // Only changes make a write; a seed alone does not.
+            let writes = !pending.events.is_empty();
             async move {
                 let kept = write_one(records, &id, pending, ack, cached, stats).await;
-                (id, kept)
+                let written = if writes {
+                    Some(Instant::now())
+                } else {
+                    written.flatten()
+                };
+                (id, kept, written)
             }
         });
-        for (id, kept) in join_all(writes).await {
+        for (id, kept, written) in join_all(writes).await {
             if let Some(kept) = kept {
-                self.cache.insert(id, kept);
+                self.cache.insert(id, (kept, written));
             }
         }
     }
+}
+
+/// Whether `body` ends an attempt (its end or a retry).
+fn ends_attempt(body: &EventBody) -> bool {
+    body.status()
+        .is_some_and(|s| s.is_final() || s == TaskStatus::Retrying)
 }
 
 /// Sleeps until `at`, or for ever without one.
@@ -332,7 +423,7 @@ async fn write_one(
     mut cached: Option<Cached>,
     stats: &MirrorStats,
 ) -> Option<Cached> {
-    let Pending { seed, events } = pending;
+    let Pending { seed, events, .. } = pending;
     match seed {
         Some((record, Some(revision))) => cached = Some((*record, revision)),
         Some((mut record, None)) => {
@@ -383,8 +474,13 @@ async fn apply(
         };
         if record.attempt > attempt || (record.attempt == attempt && record.status.is_final()) {
             // A later attempt (another node) or this attempt's end is
-            // already there: this write is stale.
-            stats.stale.fetch_add(1, Ordering::Relaxed);
+            // already there: this write is stale, unless that end is the
+            // very one these events bring (the control API wrote the
+            // cancel of a task no node held before it said so).
+            let ends_so = events.last().and_then(TaskEvent::status) == Some(record.status);
+            if !(ends_so && record.attempt == attempt) {
+                stats.stale.fetch_add(1, Ordering::Relaxed);
+            }
             return None;
         }
         let value = fold_in(&mut record, &events, ack.as_deref())?;

@@ -7,8 +7,9 @@
 //! queue group sends each request to one node: with several core nodes, a
 //! status request may reach a node that never saw the task. In mode
 //! `jetstream`, `status` and `list` read the shared KV records (any node
-//! answers for the whole cluster) and `cancel` of a task another node holds,
-//! or that waits in the stream, goes through the cancel bucket.
+//! answers for the whole cluster); `cancel` of a task no node has taken
+//! yet ends its record `cancelled` at once, and of a task another node
+//! holds (or held last) goes through the cancel bucket.
 //!
 //! Requests are answered concurrently: each is answered on a task of its
 //! own, at most [`MAX_CONCURRENT_REQUESTS`] per endpoint at once (past it,
@@ -21,8 +22,8 @@
 use async_nats::jetstream::kv;
 use async_nats::service::{Service, ServiceExt};
 use dispatcher_actors::{
-    DispatchError, Dispatcher, ErrorCode, ErrorInfo, EventBody, ListFilter, TaskId, TaskKind,
-    TaskRecord, TaskStatus,
+    CancelOutcome, DispatchError, Dispatcher, ErrorCode, ErrorInfo, EventBody, ListFilter, TaskId,
+    TaskKind, TaskRecord, TaskStatus,
 };
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -34,8 +35,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use crate::jetstream::cancels::Unheld;
 use crate::jetstream::cluster::Cluster;
 use crate::jetstream::errors::{self, ErrorFilter};
+use crate::jetstream::records::RecordMirror;
 use crate::jetstream::scan::{self, ScanError};
 use crate::jetstream::{cancels, replay};
 use crate::subjects::{ApiEndpoint, Subjects, QUEUE_GROUP, SERVICE_NAME};
@@ -73,6 +76,8 @@ pub struct Shared {
     pub subjects: Subjects,
     /// Reads tasks as the nodes do, for replays.
     pub reader: crate::inbound::Reader,
+    /// This node's record mirror, told of records the service writes.
+    pub mirror: RecordMirror,
 }
 
 /// Most records or errors one `list` or `errors` request returns.
@@ -259,18 +264,32 @@ async fn try_answer(
             match (d.cancel(&id).await, shared) {
                 (Ok(outcome), _) => Ok(json!({"ok": true, "status": outcome.as_str()})),
                 (Err(DispatchError::NotFound(_)), Some(shared)) => {
-                    let Some(task) = stored_record(shared, &id).await? else {
-                        return Err(info(DispatchError::NotFound(id)));
-                    };
-                    if task.status.is_final() {
-                        return Err(info(DispatchError::AlreadyFinished(id)));
+                    let unheld = cancels::cancel_unheld(&shared.records, &id, d.node())
+                        .await
+                        .map_err(|e| unavailable("cancelling the task", e))?;
+                    match unheld {
+                        Unheld::Missing => return Err(info(DispatchError::NotFound(id))),
+                        Unheld::Finished => return Err(info(DispatchError::AlreadyFinished(id))),
+                        Unheld::Cancelled {
+                            event,
+                            record,
+                            revision,
+                        } => {
+                            // The mirror starts from the record written, so
+                            // the event finds its change there already.
+                            shared.mirror.seed(*record, Some(revision));
+                            d.announce_event(event);
+                            let status = CancelOutcome::Cancelled.as_str();
+                            return Ok(json!({"ok": true, "status": status}));
+                        }
+                        Unheld::Held => {}
                     }
                     cancels::request(&shared.cancels, &id).await.map_err(|e| {
                         info(DispatchError::Unavailable(format!(
                             "the cancel request could not be stored: {e}"
                         )))
                     })?;
-                    Ok(json!({"ok": true, "status": "cancelling"}))
+                    Ok(json!({"ok": true, "status": CancelOutcome::Cancelling.as_str()}))
                 }
                 (Err(e), _) => Err(info(e)),
             }
