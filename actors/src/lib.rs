@@ -50,4 +50,4 @@ pub use task::{
     Backoff, BackoffSpec, NodeId, Priority, ResourceMode, ResourceSpec, Task, TaskDefaults, TaskId,
     TaskKind, TaskSpec,
 };
-pub use time::Timestamp;
+pub use time::{Timestamp, TimestampError};

@@ -7,6 +7,17 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::OffsetDateTime;
 
+/// Why a text is not a timestamp.
+#[derive(Debug, thiserror::Error)]
+pub enum TimestampError {
+    /// Not RFC 3339.
+    #[error("not an RFC 3339 time: {0}")]
+    Parse(#[from] time::error::Parse),
+    /// In UTC, outside the years the protocol writes.
+    #[error("the year {0} in UTC is outside 0000 to 9999")]
+    OutOfRange(i32),
+}
+
 /// A point in time, written `2026-11-22T12:00:00.000Z`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(OffsetDateTime);
@@ -23,10 +34,15 @@ impl Timestamp {
         Self(t.replace_nanosecond(ms).unwrap_or(t))
     }
 
-    /// Parses any RFC 3339 time.
-    pub fn parse(s: &str) -> Result<Self, time::error::Parse> {
-        OffsetDateTime::parse(s, &Rfc3339)
-            .map(|t| Self::truncated(t.to_offset(time::UtcOffset::UTC)))
+    /// Parses any RFC 3339 time that falls in the years 0000 to 9999 in
+    /// UTC, the times the protocol can write (`0000-01-01T00:00:00+01:00`
+    /// is in the year -1).
+    pub fn parse(s: &str) -> Result<Self, TimestampError> {
+        let t = OffsetDateTime::parse(s, &Rfc3339)?.to_offset(time::UtcOffset::UTC);
+        if !(0..=9999).contains(&t.year()) {
+            return Err(TimestampError::OutOfRange(t.year()));
+        }
+        Ok(Self::truncated(t))
     }
 
     /// Milliseconds since the Unix epoch.
@@ -140,5 +156,17 @@ mod tests {
         assert_eq!(json, "\"2026-11-22T12:00:00.123Z\"");
         let back: Timestamp = serde_json::from_str(&json).unwrap();
         assert_eq!(back.to_string(), t.to_string());
+    }
+
+    /// Caught by the round trip the fuzz target `wire_bodies` checks: such
+    /// a time was read, then written as `-0001-12-31T00:01:00.000Z`, which
+    /// does not read back.
+    #[test]
+    fn a_time_outside_the_years_it_can_write_is_refused() {
+        for text in ["0000-01-01T00:00:00+23:59", "9999-12-31T23:59:59-00:01"] {
+            assert!(Timestamp::parse(text).is_err(), "{text}");
+        }
+        let edge = Timestamp::parse("0000-01-01T00:00:00-23:59").unwrap();
+        assert_eq!(edge.to_string(), "0000-01-01T23:59:00.000Z");
     }
 }
