@@ -389,8 +389,16 @@ impl AckSubjects {
             dispatcher_actors::task::is_token(kind, dispatcher_actors::task::MAX_KIND_LEN)
                 && Priority::parse(priority).is_some()
         });
+        // The domain, account hash and final token are printable ASCII, no
+        // wildcard: what the node publishes on is one literal subject.
+        let literal = tokens.iter().all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>')
+        });
         stream == self.stream
             && own_consumer
+            && literal
             && numbers
                 .iter()
                 .all(|n| !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()))
@@ -518,6 +526,13 @@ mod tests {
             "$JS.ACK.DISPATCH_TASKS.echo_normal.1.x.3.1700000000000000000.0",
             "$JS.ACK.DISPATCH_TASKS.echo_normal.1.22.3",
             "$JS.ACK.DISPATCH_TASKS.echo_normal.1.22.3.4.5.>",
+            // Found by the fuzz target `wire_bodies`: a control character,
+            // white space or a wildcard in the domain, hash or last token.
+            "$JS.ACK.hub.ACC\u{8}ASH.DISPATCH_TASKS.echo_low.1.22.3.1700000000000000000.0.abc",
+            "$JS.ACK.hub.ACC HASH.DISPATCH_TASKS.echo_low.1.22.3.1700000000000000000.0.abc",
+            "$JS.ACK.*.ACCHASH.DISPATCH_TASKS.echo_low.1.22.3.1700000000000000000.0.abc",
+            "$JS.ACK.hub.ACCHASH.DISPATCH_TASKS.echo_low.1.22.3.1700000000000000000.0.>",
+            "$JS.ACK.hub.ACCHASH.DISPATCH_TASKS.echo_low.1.22.3.1700000000000000000.0.",
         ] {
             assert!(!acks.is_own(bad), "{bad}");
         }
