@@ -38,7 +38,11 @@ impl Timestamp {
     /// UTC, the times the protocol can write (`0000-01-01T00:00:00+01:00`
     /// is in the year -1).
     pub fn parse(s: &str) -> Result<Self, TimestampError> {
-        let t = OffsetDateTime::parse(s, &Rfc3339)?.to_offset(time::UtcOffset::UTC);
+        let parsed = OffsetDateTime::parse(s, &Rfc3339)?;
+        // `to_offset` panics past the years the time crate can hold.
+        let t = parsed
+            .checked_to_offset(time::UtcOffset::UTC)
+            .ok_or(TimestampError::OutOfRange(parsed.year()))?;
         if !(0..=9999).contains(&t.year()) {
             return Err(TimestampError::OutOfRange(t.year()));
         }
